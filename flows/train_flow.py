@@ -1,0 +1,212 @@
+"""The training flow: `python flows/train_flow.py [--params FILE] [--set KEY=VALUE ...] [--resume]`.
+
+Tasks, in order: load data; build the model and freeze its early layers (written as epoch 0);
+one retried task per epoch; the final checkpoint; the best model to MLflow. Tasks pass the config,
+epoch numbers and small summaries, never a model: every task reads and writes checkpoint files.
+Importable for deployments: `from flows.train_flow import train_flow`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `tasks` importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from prefect import flow, get_run_logger, runtime, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, Failed
+
+from tasks import checkpoints as ckpt
+from tasks import trainer
+from tasks.config import TrainConfig, load_config, parse_override, write_params_file
+from tasks.errors import UserError
+from tasks.locking import artifacts_lock
+from tasks.runtime import configure_threads, resolve_device
+from tasks.reporting import epochs_markdown
+from tasks.tracking import MlflowTracker
+
+
+def _log(message: str) -> None:
+    get_run_logger().info(f"[train] {message}")
+
+
+@task(name="load-data", cache_policy=NO_CACHE)
+def load_data_task(cfg: TrainConfig) -> dict[str, Any]:
+    summary = trainer.describe_data(trainer.load_data(cfg, _log))
+    _log(f"Classes: {', '.join(summary['classes'])}")
+    _log(f"Samples: {summary['train_images']} train, {summary['val_images']} val "
+         f"(train per class: {summary['train_counts']})")
+    if summary["skipped_images"]:
+        _log(f"Skipped {len(summary['skipped_images'])} unreadable image(s)")
+    return summary
+
+
+@task(name="build-model", cache_policy=NO_CACHE)
+def build_model_task(cfg: TrainConfig, classes: list[str], resume: bool, mlflow_run_id: str | None) -> dict[str, Any]:
+    if resume:
+        return trainer.resume_run(cfg, classes, _log)
+    trainer.archive_previous_checkpoints(cfg, _log)
+    return trainer.start_run(cfg, classes, mlflow_run_id, _log)
+
+
+@task(name="train-epoch", cache_policy=NO_CACHE, task_run_name="epoch-{epoch}")
+def train_epoch_task(cfg: TrainConfig, epoch: int) -> dict[str, Any]:
+    # Restores from last.pth on entry: a retry redoes this epoch only, from the same state.
+    return trainer.run_epoch(cfg, epoch, _log)
+
+
+@task(name="final-checkpoint", cache_policy=NO_CACHE)
+def final_checkpoint_task(cfg: TrainConfig) -> dict[str, Any]:
+    return trainer.finish_run(cfg)
+
+
+@task(name="log-best-model", cache_policy=NO_CACHE)
+def log_best_model_task(cfg: TrainConfig, mlflow_run_id: str) -> tuple[str | None, list[str]]:
+    """Returns the model URI (None on failure) and what failed."""
+    tracker = MlflowTracker(cfg.mlflow_tracking_uri, cfg.mlflow_experiment, _log)
+    tracker.run_id = mlflow_run_id
+    state = ckpt.load_checkpoint(trainer.checkpoint_path(cfg, ckpt.BEST))
+    model = trainer.load_model_from_checkpoint(state)
+    return tracker.log_model(model, trainer.input_example(state)), tracker.failures
+
+
+def _finish_tracking(cfg: TrainConfig, tracker: MlflowTracker, summary: dict[str, Any], params_copy: Path) -> None:
+    """Everything the MLflow run holds beyond per-epoch metrics; catches up after an outage."""
+    if tracker.down:
+        tracker.reconnect()
+    if tracker.run_id is None and not tracker.down:
+        tracker.start(None, runtime.flow_run.name, _tags())
+    tracker.log_params(cfg.to_dict())
+    tracker.log_epochs(summary["history"])
+    tracker.log_metrics({"best_val_acc": summary["best_val_acc"], "best_epoch": summary["best_epoch"],
+                         "epochs_completed": summary["epoch"]})
+    best = trainer.checkpoint_path(cfg, ckpt.BEST)
+    for path in (best, trainer.checkpoint_path(cfg, ckpt.FINAL), params_copy):
+        tracker.log_artifact(path, "checkpoints" if path.suffix == ".pth" else None)
+    if tracker.run_id and not tracker.down:
+        model_uri, failures = log_best_model_task(cfg, tracker.run_id)
+        tracker.failures += failures
+        tracker.down = tracker.down or bool(failures)
+        if model_uri:
+            _log(f"Logged the best model to MLflow: {model_uri}")
+
+
+def _tags() -> dict[str, str]:
+    return {
+        "prefect.flow_run_id": str(runtime.flow_run.id),
+        "prefect.flow_run_name": str(runtime.flow_run.name),
+        "prefect.deployment": str(runtime.deployment.name or ""),
+    }
+
+
+@flow(name="train", log_prints=True)
+def train_flow(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None, resume: bool = False):
+    """Fine-tune an ImageNet model on an ImageFolder dataset; see params.yaml for every setting."""
+    try:
+        cfg = load_config(params_file, overrides)
+        with artifacts_lock(cfg.artifacts_dir):
+            return _train(cfg, resume)
+    except UserError as exc:
+        # Bad input ends the run with its one-line message, not a traceback.
+        get_run_logger().error(f"[train] error: {exc}")
+        return Failed(message=str(exc))
+
+
+def _train(cfg: TrainConfig, resume: bool):
+    started = time.perf_counter()
+    _log(f"Device: {resolve_device(cfg.device)}, {configure_threads(cfg.threads)} threads")
+    data = load_data_task(cfg)
+    classes = data["classes"]
+
+    tracker = MlflowTracker(cfg.mlflow_tracking_uri, cfg.mlflow_experiment, _log)
+    previous_run = trainer.previous_mlflow_run_id(cfg) if resume else None
+    tracker.start(previous_run, runtime.flow_run.name, _tags())
+    if tracker.run_id:
+        tracker.set_tags(_tags())
+        tracker.log_params(cfg.to_dict())
+        tracker.log_metrics({"train_images": data["train_images"], "val_images": data["val_images"],
+                             "skipped_images": len(data["skipped_images"])}, "logging dataset size")
+        _log(f"MLflow run {tracker.run_id} in {cfg.mlflow_tracking_uri} (experiment {cfg.mlflow_experiment})")
+
+    summary = build_model_task(cfg, classes, resume, tracker.run_id)
+    history = list(summary["history"])
+    if history:
+        tracker.log_epochs(history)  # epochs a killed run finished but never logged
+    epoch_task = train_epoch_task.with_options(retries=cfg.epoch_retries, retry_delay_seconds=1)
+    stopped = summary["stopped_early"]
+    for epoch in range(summary["epoch"], cfg.epochs):
+        if stopped:
+            break
+        metrics = epoch_task(cfg, epoch)
+        history.append(metrics)
+        tracker.log_epochs(history)
+        stopped = metrics["stop"]
+
+    summary = final_checkpoint_task(cfg)
+    params_copy = cfg.checkpoints_dir / "params.yaml"
+    write_params_file(cfg, params_copy)
+    _finish_tracking(cfg, tracker, summary, params_copy)
+    best = trainer.checkpoint_path(cfg, ckpt.BEST)
+    _log(f"Best model: val accuracy {summary['best_val_acc']:.4f} at epoch {summary['best_epoch']} -> {best}")
+    _log(f"Final model: {trainer.checkpoint_path(cfg, ckpt.FINAL)}")
+    _log(f"Total time: {time.perf_counter() - started:.1f}s")
+
+    url = tracker.run_url()
+    create_markdown_artifact(
+        key="training-summary",
+        markdown=epochs_markdown(summary, cfg, tracker.run_id, url, tracker.failures),
+        description="Per-epoch metrics of this training run",
+    )
+    if url:
+        create_link_artifact(key="mlflow-run", link=url, link_text="MLflow run",
+                             description=f"MLflow run {tracker.run_id} ({cfg.mlflow_tracking_uri})")
+    if tracker.down or tracker.failures:
+        tracker.end("FAILED")
+        return Failed(message=(
+            f"training finished and checkpoints are in {cfg.checkpoints_dir}, but MLflow logging failed "
+            f"({len(tracker.failures)} call(s); first: {tracker.failures[0]}): rerun with --resume once "
+            f"{cfg.mlflow_tracking_uri} is reachable to log the run"
+        ))
+    tracker.end("FINISHED")
+    return Completed(message=f"best val accuracy {summary['best_val_acc']:.4f}", data=summary)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python flows/train_flow.py",
+        description="Fine-tune an ImageNet-pretrained model on an ImageFolder dataset, tracked in MLflow.",
+    )
+    parser.add_argument("--params", default="params.yaml", help="params YAML file (default: params.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one param; VALUE is YAML (repeatable): --set epochs=5 --set classes='[a, b]'")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the last checkpoint in artifacts_dir (same MLflow run)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        overrides = dict(parse_override(item) for item in args.overrides)
+        cfg = load_config(args.params, overrides)
+        # Check the inputs before Prefect starts, so bad input costs no server start and shows no traceback.
+        with artifacts_lock(cfg.artifacts_dir):
+            trainer.check_inputs(cfg, args.resume, lambda m: print(f"[train] {m}"))
+            state = train_flow(params_file=args.params, overrides=overrides, resume=args.resume, return_state=True)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if not state.is_completed():
+        print(f"error: {state.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

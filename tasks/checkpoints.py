@@ -1,0 +1,82 @@
+"""Checkpoints: plain dicts written atomically, loadable with `torch.load(..., weights_only=True)`.
+
+`ARTIFACTS_DIR/checkpoints/` holds:
+- `last.pth`: the state after the newest completed epoch; what `--resume` and epoch retries load.
+- `best_model.pth`: the epoch with the best validation accuracy so far.
+- `final_model.pth`: the last epoch of a finished run.
+Each file is written to a temporary file in the same folder, flushed to disk, then renamed over the
+old one (`os.replace` is atomic on POSIX), so a crash leaves either the old or the new file, never
+half of one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tasks.errors import CheckpointError
+
+LAST = "last.pth"
+BEST = "best_model.pth"
+FINAL = "final_model.pth"
+FORMAT = "harv-train/1"  # marks a file as one of ours
+
+REQUIRED_KEYS = ("format", "model", "optimizer", "scheduler", "epoch", "best_val_acc", "classes", "params")
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable across a power loss, not only a process kill.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: train first, or point at an existing .pth file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot load checkpoint {path} ({type(exc).__name__}): it is not a harv-train checkpoint or is damaged"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a harv-train checkpoint: give a file written by flows/train_flow.py")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: it is damaged or from another version")
+    return state
+
+
+def remove_stale_temporaries(directory: str | Path) -> None:
+    """Temporary files a killed run left behind: never a complete checkpoint, safe to delete."""
+    for tmp in Path(directory).glob(".*.pth.*.tmp"):
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,259 @@
+"""The dataset on disk: ImageFolder trees, validated, decoded once and served in batches.
+
+`DATA_DIR/train/<class>/*` and `DATA_DIR/val/<class>/*`. Every image is decoded and resized to
+`img_size` x `img_size` once (PIL, the model's pretraining filter), then kept as uint8 tensors in
+memory when the split fits in `cache_max_mb`; otherwise it is decoded again for every batch by a
+DataLoader with `num_workers` processes. Either way the batches are identical uint8 tensors; the
+random augmentation runs on them afterwards (tasks/augment.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from tasks.errors import DataError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+SPLITS = ("train", "val")
+_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+@dataclass
+class SplitIndex:
+    """One split's files: (path, class index) pairs in a stable order."""
+
+    root: Path
+    classes: list[str]
+    samples: list[tuple[Path, int]]
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(self.classes, 0)
+        for _, label in self.samples:
+            counts[self.classes[label]] += 1
+        return counts
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".")
+
+
+def _class_dirs(split_dir: Path) -> list[str]:
+    # Symlinked class folders count: is_dir() follows links.
+    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan_split(split_dir: Path, classes: Sequence[str]) -> SplitIndex:
+    samples: list[tuple[Path, int]] = []
+    for label, name in enumerate(classes):
+        class_dir = split_dir / name
+        files = sorted(
+            p for p in class_dir.rglob("*") if p.is_file() and _is_image_file(p)
+        ) if class_dir.is_dir() else []
+        if not files:
+            raise DataError(
+                f"class folder {class_dir} has no images ({', '.join(IMG_EXTENSIONS[:3])}, ...): "
+                "add images or remove the folder"
+            )
+        samples.extend((f, label) for f in files)
+    return SplitIndex(split_dir, list(classes), samples)
+
+
+def _differ(a: Sequence[str], b: Sequence[str], a_name: str, b_name: str) -> str:
+    parts = []
+    only_a = sorted(set(a) - set(b))
+    only_b = sorted(set(b) - set(a))
+    if only_a:
+        parts.append(f"only in {a_name}: {', '.join(only_a)}")
+    if only_b:
+        parts.append(f"only in {b_name}: {', '.join(only_b)}")
+    return "; ".join(parts)
+
+
+def scan_dataset(data_dir: str | Path, classes: Sequence[str] | None = None) -> dict[str, SplitIndex]:
+    """Check the folder layout and class names; returns the train and val file lists."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(
+            f"data_dir {root} does not exist: put images in {root}/train/<class>/ and {root}/val/<class>/ "
+            "or set data_dir (python -m tasks.demo_data DIR writes an example)"
+        )
+    found: dict[str, list[str]] = {}
+    for split in SPLITS:
+        split_dir = root / split
+        if not split_dir.is_dir():
+            raise DataError(f"{split_dir} does not exist: data_dir needs train/ and val/ folders with one folder per class")
+        names = _class_dirs(split_dir)
+        if not names:
+            raise DataError(f"{split_dir} has no class folders: add one folder of images per class")
+        found[split] = names
+    if found["train"] != found["val"]:
+        raise DataError(
+            f"class folders in {root}/val differ from {root}/train ("
+            + _differ(found["train"], found["val"], "train", "val")
+            + "): give both splits the same class folders"
+        )
+    if len(found["train"]) < 2:
+        raise DataError(f"{root}/train has only the class {found['train'][0]}: a classifier needs 2 or more classes")
+    if classes is not None and sorted(classes) != found["train"]:
+        raise DataError(
+            f"classes in params ({', '.join(classes)}) do not match the folders in {root}/train ("
+            + _differ(classes, found["train"], "params", "folders")
+            + "): fix classes, or set it to null to use the folder names"
+        )
+    # Class index order is the folders' sorted order (ImageFolder's), whatever order params list.
+    ordered = found["train"]
+    return {split: scan_split(root / split, ordered) for split in SPLITS}
+
+
+def decode_image(path: Path, size: int, interpolation: str) -> torch.Tensor:
+    """An image file -> uint8 tensor [3, size, size]. Grayscale, palette, RGBA and CMYK become RGB."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                # JPEG can decode at 1/2, 1/4 or 1/8 scale: a 10000x10000 photo never needs 300 MB.
+                img.draft("RGB", (size, size))
+                img = img.convert("RGB").resize((size, size), _FILTERS[interpolation])
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(
+            f"cannot read image {path} ({reason}): remove or replace the file, or set skip_bad_images: true"
+        ) from None
+    array = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class DecodedSplit:
+    """A split ready for training: uint8 images in memory, or a way to decode them on demand."""
+
+    classes: list[str]
+    paths: list[Path]
+    labels: torch.Tensor  # int64 [N]
+    images: torch.Tensor | None  # uint8 [N, 3, S, S] when cached, else None (streamed)
+    img_size: int
+    interpolation: str
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def cached(self) -> bool:
+        return self.images is not None
+
+    def batches(
+        self, order: torch.Tensor, batch_size: int, num_workers: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(uint8 images, labels) in `order`, `batch_size` at a time (the last batch may be short)."""
+        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        if self.images is not None:
+            for idx in chunks:
+                yield self.images[idx], self.labels[idx]
+            return
+        loader = torch.utils.data.DataLoader(
+            _StreamedImages(self.paths, self.img_size, self.interpolation),
+            batch_sampler=[c.tolist() for c in chunks],
+            num_workers=num_workers,
+        )
+        for images, idx in loader:
+            yield images, self.labels[idx]
+
+
+class _StreamedImages(torch.utils.data.Dataset):
+    def __init__(self, paths: list[Path], size: int, interpolation: str):
+        self.paths, self.size, self.interpolation = paths, size, interpolation
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return decode_image(self.paths[i], self.size, self.interpolation), i
+
+
+def decode_split(
+    index: SplitIndex,
+    img_size: int,
+    interpolation: str,
+    cache_max_mb: int,
+    skip_bad_images: bool = False,
+    log: Callable[[str], None] = print,
+) -> DecodedSplit:
+    """Decode every image once (which also proves each one readable) and cache it if it fits."""
+    per_image = 3 * img_size * img_size
+    fits = len(index.samples) * per_image <= cache_max_mb * 2**20
+    images: list[torch.Tensor] = []
+    paths: list[Path] = []
+    labels: list[int] = []
+    skipped: list[str] = []
+    for path, label in index.samples:
+        try:
+            tensor = decode_image(path, img_size, interpolation)
+        except DataError as exc:
+            if not skip_bad_images:
+                raise
+            log(f"skipping unreadable image: {exc}")
+            skipped.append(str(path))
+            continue
+        if fits:
+            images.append(tensor)
+        paths.append(path)
+        labels.append(label)
+    for name in index.classes:
+        label = index.classes.index(name)
+        if label not in labels:
+            raise DataError(f"class {name} in {index.root} has no readable images: add images to {index.root / name}")
+    return DecodedSplit(
+        classes=list(index.classes),
+        paths=paths,
+        labels=torch.tensor(labels, dtype=torch.int64),
+        images=torch.stack(images) if fits else None,
+        img_size=img_size,
+        interpolation=interpolation,
+        skipped=skipped,
+    )
+
+
+def dataset_signature(indexes: dict[str, SplitIndex], *settings: object) -> str:
+    """Changes whenever a file is added, removed, rewritten, or a decode setting changes."""
+    digest = hashlib.sha256(repr(settings).encode())
+    for split in SPLITS:
+        for path, label in indexes[split].samples:
+            st = os.stat(path)
+            digest.update(f"{split}|{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+_DECODED: dict[str, dict[str, DecodedSplit]] = {}
+
+
+def load_dataset(
+    data_dir: str | Path,
+    classes: Sequence[str] | None,
+    img_size: int,
+    interpolation: str,
+    cache_max_mb: int,
+    skip_bad_images: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, DecodedSplit]:
+    """Scan, validate and decode both splits. Memoized per process on the files' signature, so the
+    command line's up-front check and the flow's data task decode the images only once."""
+    indexes = scan_dataset(data_dir, classes)
+    key = dataset_signature(indexes, img_size, interpolation, cache_max_mb, skip_bad_images)
+    if key not in _DECODED:
+        _DECODED.clear()  # hold one dataset at a time: memory is bounded by cache_max_mb per split
+        _DECODED[key] = {
+            split: decode_split(indexes[split], img_size, interpolation, cache_max_mb, skip_bad_images, log)
+            for split in SPLITS
+        }
+    return _DECODED[key]

@@ -1,0 +1,66 @@
+"""Freezing the early backbone and running the frozen part as a fixed feature extractor.
+
+The unit of `freeze_ratio` is the top-level block of the backbone's `features` Sequential
+(13 blocks in MobileNetV3-Small, 9 in EfficientNet-B0/Lite0): the first
+`floor(freeze_ratio * number_of_blocks)` blocks are frozen, the later blocks and the classifier
+head always train. Frozen blocks stay in eval mode (their BatchNorm statistics never drift) and run
+outside autograd, so they cost only a forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def feature_blocks(model: nn.Module) -> nn.Sequential:
+    return model.features
+
+
+def frozen_block_count(model: nn.Module, freeze_ratio: float) -> int:
+    n_blocks = len(feature_blocks(model))
+    # The epsilon keeps 0.7 * 10 == 7 from becoming 6 through float rounding.
+    return min(n_blocks, math.floor(freeze_ratio * n_blocks + 1e-9))
+
+
+def freeze_early_blocks(model: nn.Module, n_frozen: int) -> None:
+    """requires_grad=False on the first n_frozen blocks, True everywhere else."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    for block in feature_blocks(model)[:n_frozen]:
+        for p in block.parameters():
+            p.requires_grad_(False)
+
+
+def set_train_mode(model: nn.Module, n_frozen: int) -> None:
+    """model.train() for the trainable part, eval() for the frozen prefix.
+
+    `model.train()` alone would put the frozen BatchNorm layers back into training mode, where they
+    update their running statistics on every batch even though their weights never change.
+    """
+    model.train()
+    for block in feature_blocks(model)[:n_frozen]:
+        block.eval()
+
+
+def frozen_features(model: nn.Module, n_frozen: int, x: torch.Tensor) -> torch.Tensor:
+    """Output of the frozen prefix: no autograd graph is built for it."""
+    if n_frozen == 0:
+        return x
+    with torch.no_grad():
+        return feature_blocks(model)[:n_frozen](x)
+
+
+def forward_from(model: nn.Module, n_frozen: int, h: torch.Tensor) -> torch.Tensor:
+    """The rest of the network, from the frozen prefix's output to the logits."""
+    h = feature_blocks(model)[n_frozen:](h)
+    h = model.avgpool(h)
+    h = torch.flatten(h, 1)
+    return model.classifier(h)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """What the optimizer holds: frozen parameters never see weight decay or Adam state."""
+    return [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,190 @@
+"""MLflow tracking that never costs a run its training.
+
+Every call goes through `_attempt`: when the tracking store fails (server down, database locked,
+disk full), training goes on, the failure is recorded in `failures`, and later calls are skipped
+instead of each waiting out its own timeout. Per-epoch metrics are kept, so that `flush()` at the end
+of the run (or a resumed run) can log whatever is missing from the run's history: no step is lost
+and none is logged twice.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+Log = Callable[[str], None]
+
+EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_time_s", "val_time_s")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+class MlflowTracker:
+    def __init__(self, tracking_uri: str, experiment: str, log: Log = print):
+        # An unreachable server should fail fast, not after MLflow's default minutes of retries.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.log = log
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self.failures: list[str] = []  # what could not be logged, in order
+        self.down = False  # after a failure, skip calls until reconnect()
+        self._client = None
+
+    def _attempt(self, what: str, fn: Callable[[], Any]) -> Any:
+        if self.down:
+            self.failures.append(f"{what}: skipped while MLflow was unreachable")
+            return None
+        try:
+            return fn()
+        except Exception as exc:  # any tracking failure: record it, keep training
+            self.down = True
+            self.failures.append(f"{what}: {_one_line(exc)}")
+            self.log(f"WARNING: MLflow at {self.tracking_uri} failed while {what} ({_one_line(exc)}); "
+                     "training goes on, checkpoints are written, logging is retried at the end of the run")
+            return None
+
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def start(self, run_id: str | None, run_name: str | None, tags: dict[str, str]) -> str | None:
+        """Open a new run, or reopen `run_id` (a resumed training run continues its MLflow run)."""
+
+        def _start() -> str:
+            client = self.client()
+            if run_id:
+                run = client.get_run(run_id)
+                self.experiment_id = run.info.experiment_id
+                client.update_run(run_id, status="RUNNING")
+                return run_id
+            experiment = client.get_experiment_by_name(self.experiment)
+            self.experiment_id = (
+                experiment.experiment_id if experiment else client.create_experiment(self.experiment)
+            )
+            return client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+
+        self.run_id = self._attempt("starting the run", _start)
+        return self.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        def _log() -> None:
+            existing = self.client().get_run(self.run_id).data.params
+            fresh = [Param(k, str(v)) for k, v in params.items() if k not in existing]
+            for i in range(0, len(fresh), 100):
+                self.client().log_batch(self.run_id, params=fresh[i : i + 100])
+
+        if self.run_id:
+            self._attempt("logging params", _log)
+
+    def logged_steps(self, key: str = "val_acc") -> set[int]:
+        history = self.client().get_metric_history(self.run_id, key)
+        return {m.step for m in history}
+
+    def log_epochs(self, history: list[dict[str, Any]]) -> None:
+        """Log every epoch in `history` that the run does not have yet (step = epoch number)."""
+        from mlflow.entities import Metric
+
+        def _log() -> None:
+            done = self.logged_steps()
+            now = int(time.time() * 1000)
+            metrics = [
+                Metric(key, float(entry[key]), now, int(entry["epoch"]))
+                for entry in history
+                if int(entry["epoch"]) not in done
+                for key in EPOCH_METRICS
+            ]
+            if metrics:
+                self.client().log_batch(self.run_id, metrics=metrics)
+
+        if self.run_id:
+            self._attempt(f"logging epoch {history[-1]['epoch'] if history else 0}", _log)
+
+    def log_metrics(self, metrics: dict[str, float], what: str = "logging summary metrics") -> None:
+        from mlflow.entities import Metric
+
+        def _log() -> None:
+            now = int(time.time() * 1000)
+            self.client().log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+
+        if self.run_id:
+            self._attempt(what, _log)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        if self.run_id:
+            self._attempt("setting tags", lambda: self.client().log_batch(
+                self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.run_id:
+            self._attempt(f"uploading {Path(path).name}", lambda: self.client().log_artifact(
+                self.run_id, str(path), artifact_path))
+
+    def log_model(self, model, input_example: np.ndarray, name: str = "model") -> str | None:
+        """Log the model in MLflow's pytorch flavor; returns its models:/ URI."""
+
+        def _log() -> str:
+            import mlflow
+            import mlflow.pytorch
+            import torch
+            import torchvision
+
+            mlflow.set_tracking_uri(self.tracking_uri)
+            with mlflow.start_run(run_id=self.run_id):
+                info = mlflow.pytorch.log_model(
+                    model,
+                    name=name,
+                    input_example=input_example,
+                    # Explicit requirements skip MLflow's slow (~10 s) dependency inference.
+                    pip_requirements=[
+                        f"torch=={torch.__version__.split('+')[0]}",
+                        f"torchvision=={torchvision.__version__.split('+')[0]}",
+                        f"mlflow=={mlflow.__version__}",
+                    ],
+                    # Loads back as the same nn.Module; pt2 would give a torch.export GraphModule.
+                    serialization_format="pickle",
+                )
+            return info.model_uri
+
+        return self._attempt("logging the model", _log) if self.run_id else None
+
+    def end(self, status: str) -> None:
+        if self.run_id:
+            self._attempt("closing the run", lambda: self.client().set_terminated(self.run_id, status=status))
+
+    def reconnect(self) -> bool:
+        """After a failure, try the store once more, so that what was missed can still be logged."""
+        if not self.down:
+            return True
+        self.down = False
+        self._client = None
+        if self.run_id:
+            self._attempt("reconnecting", lambda: self.client().get_run(self.run_id))
+        else:
+            self._attempt("reconnecting", lambda: self.client().search_experiments(max_results=1))
+        if not self.down:
+            self.log(f"MLflow at {self.tracking_uri} is reachable again: logging what was missed")
+        return not self.down
+
+    def run_url(self) -> str | None:
+        """Where the run shows in a browser: the server itself, or `mlflow ui` on its default port."""
+        if not (self.run_id and self.experiment_id):
+            return None
+        base = self.tracking_uri if self.tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
