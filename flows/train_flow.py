@@ -9,10 +9,15 @@ Importable for deployments: `from flows.train_flow import train_flow`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+# Prefect's temporary server sends usage telemetry in the background; with no network it only
+# fails noisily (and can race the flow for its SQLite database). Opt back in by setting it.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 if __package__ in (None, ""):  # run as a script: make `tasks` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

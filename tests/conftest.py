@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny image datasets made in the test, a config factory, and a real Prefect server."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before anything imports Prefect: never touch the user's ~/.prefect, no telemetry, and the
+# tests' own temporary server rather than whatever PREFECT_API_URL the shell has.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="harv-train-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ.pop("PREFECT_API_URL", None)
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tasks.config import load_config
+
+
+def write_image_folder(
+    root: Path,
+    classes: tuple[str, ...] = ("cat", "dog"),
+    n_train: int = 8,
+    n_val: int = 4,
+    size: int = 40,
+    seed: int = 0,
+) -> Path:
+    """A learnable dataset: each class has its own dominant colour, plus noise."""
+    rng = np.random.default_rng(seed)
+    palette = np.array([[200, 40, 40], [40, 40, 200], [40, 180, 40], [180, 180, 40]])
+    for split, n in (("train", n_train), ("val", n_val)):
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                noise = rng.integers(-40, 40, size=(size, size, 3))
+                pixels = np.clip(palette[label % len(palette)] + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{name}_{i}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return write_image_folder(tmp_path / "data")
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, image_folder: Path):
+    """A fast config on the tiny dataset: random-init MobileNetV3-Small at 32 px, local MLflow store."""
+
+    def make(**overrides):
+        values = {
+            "model_name": "mobilenet_v3_small",
+            "pretrained": False,
+            "epochs": 2,
+            "batch_size": 4,
+            "img_size": 32,
+            "lr": 0.001,
+            "classes": None,
+            "data_dir": str(image_folder),
+            "artifacts_dir": str(tmp_path / "artifacts"),
+            "mlflow_tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "mlflow_experiment": "tests",
+            "num_workers": 0,
+            "epoch_retries": 1,
+        }
+        values.update(overrides)
+        return load_config(None, values)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One real, temporary Prefect server (SQLite) for every test that runs a flow."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,56 @@
+"""Batched augmentation: the seed's transforms per sample, seeded, normalized like ToTensor+Normalize."""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2
+
+from tasks.augment import augment_batch, normalize
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _batch(n=16, size=32, seed=0):
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_normalize_equals_totensor_and_normalize():
+    x = _batch(4)
+    reference = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])(x)
+    assert torch.allclose(normalize(x, MEAN, STD), reference, atol=1e-6)
+
+
+def test_augmentation_is_fixed_by_the_generator_seed():
+    x = _batch()
+    a = augment_batch(x, MEAN, STD, torch.Generator().manual_seed(5))
+    b = augment_batch(x, MEAN, STD, torch.Generator().manual_seed(5))
+    c = augment_batch(x, MEAN, STD, torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == x.shape and a.dtype == torch.float32
+
+
+def test_each_sample_draws_its_own_transform():
+    """The same image repeated across a batch comes out differently in each slot."""
+    x = _batch(1).repeat(8, 1, 1, 1)
+    out = augment_batch(x, MEAN, STD, torch.Generator().manual_seed(0))
+    assert len({tuple(o.flatten()[:50].tolist()) for o in out}) == 8
+
+
+def test_flips_about_half_and_rotations_stay_within_ten_degrees():
+    # A white image with a single bright column near the left edge: flips move it to the right.
+    x = torch.zeros(400, 3, 64, 64, dtype=torch.uint8)
+    x[:, :, 16:48, 8] = 255
+    out = augment_batch(x, (0, 0, 0), (1, 1, 1), torch.Generator().manual_seed(0))
+    right = (out[:, :, :, 32:].sum(dim=(1, 2, 3)) > out[:, :, :, :32].sum(dim=(1, 2, 3))).float().mean()
+    assert 0.4 < float(right) < 0.6
+    # The column spans rows 16-47, 16 px either side of the centre: a rotation of at most 10 degrees
+    # moves its ends at most 16*sin(10deg) ~ 2.8 px sideways, so unflipped it stays within 8 +- 4.
+    on_left = (out[:, :, :, :32] > 0.3).any(dim=1).any(dim=1).nonzero()[:, 1]  # jitter lifts black a little
+    assert 8 - 4 <= int(on_left.min()) and int(on_left.max()) <= 8 + 4
+    # ... and some images really are rotated: the column's ends are not all in column 8.
+    assert int(on_left.min()) < 8 < int(on_left.max())
+
+
+def test_jitter_keeps_values_in_the_normalized_range():
+    out = augment_batch(_batch(), (0, 0, 0), (1, 1, 1), torch.Generator().manual_seed(3))
+    assert float(out.min()) >= 0 and float(out.max()) <= 1

@@ -1,0 +1,128 @@
+"""`python flows/train_flow.py`: bad input is one line on stderr, exit code 2, nothing overwritten."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.train_flow import main
+from tasks import checkpoints as ckpt
+from tasks import trainer
+from tasks.config import write_params_file
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cli(cfg, tmp_path, capsys, *extra):
+    params = tmp_path / "params.yaml"
+    write_params_file(cfg, params)
+    code = main(["--params", str(params), *extra])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def _assert_one_line_error(code, err, expected):
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert expected in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "breakage, expected",
+    [
+        (lambda d: shutil.rmtree(d), "does not exist: put images in"),
+        (lambda d: shutil.rmtree(d / "train"), "train does not exist"),
+        (lambda d: shutil.rmtree(d / "val"), "val does not exist"),
+        (lambda d: [f.unlink() for f in (d / "val" / "dog").iterdir()], "val/dog has no images"),
+        (lambda d: (d / "train" / "cat" / "cat_0.png").write_bytes(b"\x89PNG garbage"), "cannot read image"),
+        (lambda d: shutil.copytree(d / "val" / "cat", d / "val" / "cow"), "only in val: cow"),
+    ],
+    ids=["no-data-dir", "no-train", "no-val", "empty-class", "corrupt-image", "val-class-not-in-train"],
+)
+def test_bad_data_is_one_line_error(make_config, image_folder, tmp_path, capsys, breakage, expected):
+    breakage(image_folder)
+    code, err = _cli(make_config(), tmp_path, capsys)
+    _assert_one_line_error(code, err, expected)
+
+
+def test_classes_not_matching_folders(make_config, tmp_path, capsys):
+    code, err = _cli(make_config(classes=["ProfA", "Room1"]), tmp_path, capsys)
+    _assert_one_line_error(code, err, "only in params: ProfA, Room1; only in folders: cat, dog")
+
+
+def test_unknown_params_key(tmp_path, capsys):
+    (tmp_path / "p.yaml").write_text("epochz: 3\n")
+    _assert_one_line_error(main(["--params", str(tmp_path / "p.yaml")]), capsys.readouterr().err,
+                           "valid keys are: model_name")
+
+
+def test_value_out_of_range_from_set(capsys):
+    _assert_one_line_error(main(["--set", "freeze_ratio=2"]), capsys.readouterr().err,
+                           "freeze_ratio must be a number from 0 to 1, got 2")
+
+
+def test_unknown_model_name(capsys):
+    _assert_one_line_error(main(["--set", "model_name=vgg16"]), capsys.readouterr().err,
+                           "model_name must be one of mobilenet_v3_small, efficientnet_b0, efficientnet_lite0")
+
+
+def test_pretrained_weights_unavailable_offline(make_config, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    code, err = _cli(make_config(pretrained=True), tmp_path, capsys)
+    _assert_one_line_error(code, err, "pretrained weights for mobilenet_v3_small are not available offline")
+
+
+def test_resume_with_another_model_is_refused(make_config, tmp_path, capsys):
+    cfg = make_config(epochs=1)
+    trainer.start_run(cfg, ["cat", "dog"], None, lambda _: None)
+    code, err = _cli(make_config(model_name="efficientnet_lite0"), tmp_path, capsys, "--resume")
+    _assert_one_line_error(code, err, "was trained as mobilenet_v3_small")
+
+
+def test_resume_without_a_checkpoint(make_config, tmp_path, capsys):
+    code, err = _cli(make_config(), tmp_path, capsys, "--resume")
+    _assert_one_line_error(code, err, "--resume: no checkpoint at")
+
+
+def test_a_failed_run_never_loses_the_earlier_best_model(make_config, image_folder, tmp_path, capsys):
+    cfg = make_config(epochs=1)
+    trainer.start_run(cfg, ["cat", "dog"], None, lambda _: None)
+    trainer.run_epoch(cfg, 0, lambda _: None, progress=False)
+    best = cfg.checkpoints_dir / ckpt.BEST
+    before = best.read_bytes()
+    (image_folder / "val" / "cat" / "broken.jpg").write_bytes(b"")
+    code, _ = _cli(cfg, tmp_path, capsys)
+    assert code == 2 and best.read_bytes() == before
+
+
+def test_a_second_run_on_the_same_artifacts_dir_is_refused(make_config, tmp_path, capsys):
+    cfg = make_config()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from tasks.locking import artifacts_lock\n"
+         f"with artifacts_lock({cfg.artifacts_dir!r}):\n    print('locked', flush=True); time.sleep(60)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, err = _cli(cfg, tmp_path, capsys)
+        _assert_one_line_error(code, err, f"is in use by a running training (pid {holder.pid})")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_command_line_prints_no_traceback(tmp_path):
+    """The real command, as a user runs it."""
+    result = subprocess.run(
+        [sys.executable, "flows/train_flow.py", "--set", f"data_dir={tmp_path / 'nowhere'}", "--set", "classes=null"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: data_dir") and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert "Starting temporary server" not in result.stdout + result.stderr

@@ -1,0 +1,125 @@
+"""The Prefect flow end to end on a real (temporary) Prefect server and a real MLflow SQLite store."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from flows.train_flow import train_flow
+from tasks import checkpoints as ckpt
+from tasks import trainer
+from tasks.config import write_params_file
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def _run(cfg, tmp_path, resume=False):
+    params = tmp_path / "params.yaml"
+    write_params_file(cfg, params)
+    return train_flow(params_file=str(params), resume=resume, return_state=True)
+
+
+def _mlflow_run(cfg, run_id):
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    return client, client.get_run(run_id)
+
+
+def test_flow_trains_checkpoints_and_logs_an_mlflow_run(make_config, tmp_path):
+    cfg = make_config(epochs=2)
+    state = _run(cfg, tmp_path)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    for name in (ckpt.BEST, ckpt.FINAL, ckpt.LAST):
+        assert (cfg.checkpoints_dir / name).is_file()
+
+    client, run = _mlflow_run(cfg, summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["prefect.flow_run_id"]
+    assert run.data.params["model_name"] == "mobilenet_v3_small" and run.data.params["epochs"] == "2"
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_time_s", "val_time_s"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
+    assert run.data.metrics["best_val_acc"] == summary["best_val_acc"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert {"checkpoints/best_model.pth", "checkpoints/final_model.pth"} <= artifacts
+    assert "params.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert [m.source_run_id for m in models] == [run.info.run_id]
+
+
+def test_logged_model_loads_and_predicts(make_config, tmp_path):
+    import mlflow.pytorch
+    import numpy as np
+
+    cfg = make_config(epochs=1)
+    state = _run(cfg, tmp_path)
+    client, run = _mlflow_run(cfg, state.result()["mlflow_run_id"])
+    [logged] = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    mlflow.set_tracking_uri(cfg.mlflow_tracking_uri)
+    model = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
+    with torch.no_grad():
+        out = model(torch.from_numpy(np.zeros((2, 3, 32, 32), dtype=np.float32)))
+    assert out.shape == (2, 2)
+
+
+def test_a_failing_epoch_is_retried_and_resumed_not_restarted(make_config, tmp_path, monkeypatch):
+    reference = _run(make_config(epochs=3, artifacts_dir=str(tmp_path / "ref")), tmp_path).result()
+
+    real = trainer.train_one_epoch
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        result = real(*args, **kwargs)  # the weights in memory have moved on...
+        if len(calls) == 2:
+            raise OSError("simulated I/O error in epoch 2")  # ...and the epoch fails
+        return result
+
+    monkeypatch.setattr(trainer, "train_one_epoch", flaky)
+    cfg = make_config(epochs=3, epoch_retries=1, artifacts_dir=str(tmp_path / "flaky"))
+    state = _run(cfg, tmp_path)
+    assert state.is_completed(), state.message
+    history = state.result()["history"]
+    assert len(calls) == 4  # epochs 1, 2 (failed), 2 (retried), 3: epoch 1 was not run again
+    assert [m["epoch"] for m in history] == [1, 2, 3]
+    keys = ("train_loss", "val_loss", "val_acc")
+    assert [[m[k] for k in keys] for m in history] == [[m[k] for k in keys] for m in reference["history"]]
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    assert [m.step for m in client.get_metric_history(state.result()["mlflow_run_id"], "val_acc")] == [1, 2, 3]
+
+
+def test_retries_used_up_fail_the_flow_with_the_cause_and_keep_best(make_config, tmp_path, monkeypatch):
+    real = trainer.train_one_epoch
+    calls = []
+
+    def broken_after_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError("disk read error on batch 3")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", broken_after_first)
+    cfg = make_config(epochs=3, epoch_retries=1)
+    state = _run(cfg, tmp_path)
+    assert state.is_failed()
+    assert "disk read error on batch 3" in state.message
+    best = ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.BEST)
+    assert best["epoch"] == 1
+
+
+def test_resume_continues_the_same_mlflow_run(make_config, tmp_path):
+    cfg = make_config(epochs=1)
+    first = _run(cfg, tmp_path).result()
+    longer = make_config(epochs=3)
+    second = _run(longer, tmp_path, resume=True).result()
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]
+    assert [m["epoch"] for m in second["history"]] == [1, 2, 3]
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    assert [m.step for m in client.get_metric_history(first["mlflow_run_id"], "val_acc")] == [1, 2, 3]
+
+
+def test_bad_input_fails_the_flow_with_a_one_line_message(make_config, tmp_path):
+    cfg = make_config(data_dir=str(tmp_path / "missing"))
+    state = _run(cfg, tmp_path)
+    assert state.is_failed()
+    assert "does not exist: put images in" in state.message and "\n" not in state.message

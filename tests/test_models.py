@@ -1,0 +1,123 @@
+"""Backbones: build, forward, loss, backward, checkpoint round trip; offline ImageNet weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from tasks import checkpoints as ckpt
+from tasks.errors import WeightsError
+from tasks.freezing import freeze_early_blocks, frozen_block_count
+from tasks.models import (
+    MODEL_SPECS,
+    build_architecture,
+    build_efficientnet_lite0_architecture,
+    build_model,
+    format_parameter_counts,
+    load_imagenet_weights,
+    efficientnet_lite0_file,
+    torchvision_cache_file,
+)
+from torchvision import models
+
+ALL_MODELS = list(MODEL_SPECS)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_forward_pass_gives_one_logit_per_class(name):
+    model = build_architecture(name, 3).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 3)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_loss_and_backward_reach_only_trainable_parameters(name):
+    model = build_architecture(name, 2)
+    n_frozen = frozen_block_count(model, 0.7)
+    freeze_early_blocks(model, n_frozen)
+    loss = nn.CrossEntropyLoss()(model(torch.randn(2, 3, 64, 64)), torch.tensor([0, 1]))
+    assert torch.isfinite(loss)
+    loss.backward()
+    frozen = list(model.features[:n_frozen].parameters())
+    assert frozen and all(p.grad is None for p in frozen)
+    head = model.classifier[-1]
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_checkpoint_round_trip_restores_identical_outputs(name, tmp_path):
+    model = build_architecture(name, 2).eval()
+    path = tmp_path / "m.pth"
+    ckpt.save_checkpoint({"model": model.state_dict(), "optimizer": {}, "scheduler": {}, "epoch": 1,
+                          "best_val_acc": 0.5, "classes": ["a", "b"], "params": {}}, path)
+    state = torch.load(path, weights_only=True)
+    restored = build_architecture(name, 2).eval()
+    restored.load_state_dict(state["model"])
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), restored(x))
+
+
+def test_parameter_counts_line_has_the_seed_shape():
+    model = build_architecture("mobilenet_v3_small", 2)
+    freeze_early_blocks(model, frozen_block_count(model, 0.7))
+    # 1.52M in all; feature blocks 9-12 (0.74M) and the 2-class head (0.59M) train.
+    assert format_parameter_counts(model) == "Parameters: 1.5M (1.3M trainable)"
+
+
+def test_torchvision_weights_load_offline_from_torch_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    reference = models.mobilenet_v3_small(weights=None)
+    target = torchvision_cache_file(models.MobileNet_V3_Small_Weights.IMAGENET1K_V1)
+    assert str(target).startswith(str(tmp_path))
+    target.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), target)
+    model = build_model("mobilenet_v3_small", 2, pretrained=True)
+    assert torch.equal(model.features[0][0].weight, reference.features[0][0].weight)
+    assert model.classifier[-1].out_features == 2
+
+
+def test_missing_weights_stop_with_a_fix_instead_of_random_init(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsError, match="not available offline .*set weights_path.*pretrained: false"):
+        build_model("efficientnet_b0", 2, pretrained=True)
+
+
+def test_weights_path_is_used_when_given(tmp_path):
+    reference = models.efficientnet_b0(weights=None)
+    path = tmp_path / "b0.pth"
+    torch.save(reference.state_dict(), path)
+    model = build_model("efficientnet_b0", 4, pretrained=True, weights_path=str(path))
+    assert torch.equal(model.features[0][0].weight, reference.features[0][0].weight)
+
+
+def test_weights_of_another_model_are_refused(tmp_path):
+    path = tmp_path / "wrong.pth"
+    torch.save(models.mobilenet_v3_small(weights=None).state_dict(), path)
+    with pytest.raises(WeightsError, match="does not fit efficientnet_b0"):
+        build_model("efficientnet_b0", 2, weights_path=str(path))
+
+
+def test_efficientnet_lite0_is_really_imagenet_pretrained():
+    """The bundled weights classify scikit-image's cat photo as a cat (ImageNet classes 281-285)."""
+    import skimage.data
+
+    model = build_efficientnet_lite0_architecture()
+    load_imagenet_weights(model, "efficientnet_lite0", efficientnet_lite0_file())
+    image = Image.fromarray(skimage.data.chelsea()).resize((224, 224), Image.Resampling.BILINEAR)
+    x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
+    with torch.no_grad():
+        probs = model.eval()(x[None]).softmax(1)[0]
+    assert 281 <= int(probs.argmax()) <= 285
+    assert float(probs.max()) > 0.5
+
+
+def test_efficientnet_lite0_has_no_squeeze_excitation_and_uses_relu6():
+    model = build_efficientnet_lite0_architecture()
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "SqueezeExcitation" not in kinds and "SiLU" not in kinds and "ReLU6" in kinds
+    assert all(m.eps == 1e-3 for m in model.modules() if isinstance(m, nn.BatchNorm2d))

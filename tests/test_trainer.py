@@ -1,0 +1,101 @@
+"""A run as restartable steps, without Prefect: epochs, best/last/final, resume, early stopping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tasks import checkpoints as ckpt
+from tasks import trainer
+from tasks.early_stopping import EarlyStopping
+from tasks.errors import CheckpointError
+
+quiet = lambda _: None  # noqa: E731
+
+
+def _train(cfg, epochs=None):
+    splits = trainer.load_data(cfg, quiet)
+    trainer.start_run(cfg, splits["train"].classes, None, quiet)
+    return [trainer.run_epoch(cfg, e, quiet, progress=False) for e in range(epochs or cfg.epochs)]
+
+
+def _comparable(history):
+    return [{k: m[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr")} for m in history]
+
+
+def test_epochs_write_last_best_and_final(make_config):
+    cfg = make_config(epochs=2)
+    history = _train(cfg)
+    summary = trainer.finish_run(cfg)
+    assert [m["epoch"] for m in history] == [1, 2]
+    for name in (ckpt.LAST, ckpt.BEST, ckpt.FINAL):
+        state = torch.load(cfg.checkpoints_dir / name, weights_only=True)
+        assert state["classes"] == ["cat", "dog"] and state["params"]["lr"] == cfg.lr
+        assert {"model", "optimizer", "scheduler", "early_stopping", "best_val_acc"} <= set(state)
+    assert summary["epoch"] == 2
+    best = torch.load(cfg.checkpoints_dir / ckpt.BEST, weights_only=True)
+    assert best["best_val_acc"] == max(m["val_acc"] for m in history)
+
+
+def test_same_seed_gives_identical_metrics(make_config, tmp_path):
+    a = _train(make_config(artifacts_dir=str(tmp_path / "a")))
+    b = _train(make_config(artifacts_dir=str(tmp_path / "b")))
+    assert _comparable(a) == _comparable(b)
+
+
+def test_resume_in_a_fresh_process_state_equals_an_uninterrupted_run(make_config, tmp_path):
+    straight = _train(make_config(artifacts_dir=str(tmp_path / "straight"), epochs=3))
+    cfg = make_config(artifacts_dir=str(tmp_path / "resumed"), epochs=3)
+    _train(cfg, epochs=1)
+    trainer._session = None  # what a new process has: nothing but the files
+    trainer.resume_run(cfg, ["cat", "dog"], quiet)
+    rest = [trainer.run_epoch(cfg, e, quiet, progress=False) for e in (1, 2)]
+    assert _comparable(rest) == _comparable(straight[1:])
+
+
+def test_an_epoch_already_in_the_checkpoint_is_not_trained_again(make_config):
+    cfg = make_config(epochs=1)
+    first = _train(cfg)[0]
+    again = trainer.run_epoch(cfg, 0, quiet, progress=False)
+    assert again["skipped"] and again["val_acc"] == first["val_acc"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(make_config):
+    cfg = make_config(epochs=1)
+    _train(cfg)
+    other = make_config(model_name="efficientnet_b0")
+    with pytest.raises(CheckpointError, match="was trained as mobilenet_v3_small .* this run is efficientnet_b0"):
+        trainer.resume_run(other, ["cat", "dog"], quiet)
+
+
+def test_resume_refuses_another_class_set(make_config):
+    cfg = make_config(epochs=1)
+    _train(cfg)
+    with pytest.raises(CheckpointError, match=r"on classes \['cat', 'dog'\].* on \['cat', 'cow'\]"):
+        trainer.resume_run(cfg, ["cat", "cow"], quiet)
+
+
+def test_a_fresh_run_keeps_the_earlier_runs_checkpoints(make_config):
+    cfg = make_config(epochs=1)
+    _train(cfg)
+    old_best = (cfg.checkpoints_dir / ckpt.BEST).read_bytes()
+    kept = trainer.archive_previous_checkpoints(cfg, quiet)
+    assert kept is not None and (kept / ckpt.BEST).read_bytes() == old_best
+    assert not cfg.checkpoints_dir.exists()
+
+
+def test_early_stopping_counts_epochs_without_a_better_accuracy():
+    stopper = EarlyStopping(patience=2)
+    assert [stopper.step(v) for v in (0.5, 0.6, 0.6, 0.55)] == [True, True, False, False]
+    assert stopper.should_stop
+    restored = EarlyStopping(patience=2)
+    restored.load_state_dict(stopper.state_dict())
+    assert restored.should_stop and restored.best == 0.6
+
+
+def test_early_stopping_ends_training(make_config):
+    cfg = make_config(epochs=6, early_stopping_patience=1, lr=1e-9)
+    splits = trainer.load_data(cfg, quiet)
+    trainer.start_run(cfg, splits["train"].classes, None, quiet)
+    stops = [trainer.run_epoch(cfg, e, quiet, progress=False)["stop"] for e in range(2)]
+    assert stops == [False, True]
