@@ -81,6 +81,18 @@ def log_best_model_task(cfg: TrainConfig, mlflow_run_id: str) -> tuple[str | Non
     return tracker.log_model(model, trainer.input_example(state)), tracker.failures
 
 
+@task(name="register-model", cache_policy=NO_CACHE)
+def register_model_task(cfg: TrainConfig, mlflow_run_id: str, model_uri: str, val_acc: float) -> list[str]:
+    """Registers the logged best model under registered_model_name (alias champion only if better);
+    returns what failed."""
+    tracker = MlflowTracker(cfg.mlflow_tracking_uri, cfg.mlflow_experiment, _log)
+    tracker.run_id = mlflow_run_id
+    registration = tracker.register_model(cfg.registered_model_name, model_uri, val_acc)
+    if registration:
+        _log(registration.summary())
+    return tracker.failures
+
+
 def _finish_tracking(cfg: TrainConfig, tracker: MlflowTracker, summary: dict[str, Any], params_copy: Path) -> None:
     """Everything the MLflow run holds beyond per-epoch metrics; catches up after an outage."""
     if tracker.down:
@@ -100,6 +112,10 @@ def _finish_tracking(cfg: TrainConfig, tracker: MlflowTracker, summary: dict[str
         tracker.down = tracker.down or bool(failures)
         if model_uri:
             _log(f"Logged the best model to MLflow: {model_uri}")
+        if model_uri and cfg.registered_model_name:
+            failures = register_model_task(cfg, tracker.run_id, model_uri, summary["best_val_acc"])
+            tracker.failures += failures
+            tracker.down = tracker.down or bool(failures)
 
 
 def _tags() -> dict[str, str]:

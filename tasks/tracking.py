@@ -164,6 +164,16 @@ class MlflowTracker:
 
         return self._attempt("logging the model", _log) if self.run_id else None
 
+    def register_model(self, name: str, model_uri: str, val_acc: float):
+        """Register the run's logged model under `name`, moving `champion` only when it is better
+        (tasks.registry); returns the Registration, or None when it failed (recorded as a failure)."""
+        from tasks import registry
+
+        if not self.run_id:
+            return None
+        return self._attempt(f"registering the model as {name}", lambda: registry.register_and_promote(
+            self.client(), name, model_uri, self.run_id, val_acc))
+
     def end(self, status: str) -> None:
         if self.run_id:
             self._attempt("closing the run", lambda: self.client().set_terminated(self.run_id, status=status))

@@ -1,0 +1,149 @@
+"""The MLflow model registry: register a run's best model, keep the alias `champion` on the best one.
+
+`register_and_promote` adds a version of a registered model from a logged model URI and moves the
+alias `champion` to it only when its validation accuracy is strictly higher than the current
+champion's: a worse (or equal) nightly run never replaces a better model. Both accuracies are
+recorded on the MLflow run (metrics) and on the new version (tags), so every decision can be read
+back later. Plain functions over an `MlflowClient`: no Prefect, any tracking store.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+CHAMPION = "champion"
+VAL_ACC_TAG = "val_acc"  # on every version this module registers
+RUN_VAL_ACC_METRIC = "best_val_acc"  # the training run's metric, for versions registered elsewhere
+
+# On the training run: this model's accuracy and the champion's it was compared with.
+CANDIDATE_METRIC = "registry_candidate_val_acc"
+CHAMPION_METRIC = "registry_champion_val_acc"
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    version: str
+    val_acc: float
+    previous_version: str | None  # the champion before this registration, if any
+    previous_val_acc: float | None
+    promoted: bool
+
+    def summary(self) -> str:
+        before = (
+            "no champion before"
+            if self.previous_version is None
+            else f"champion was version {self.previous_version} "
+            f"(val accuracy {_fmt(self.previous_val_acc)})"
+        )
+        verdict = f"now @{CHAMPION}" if self.promoted else f"@{CHAMPION} unchanged"
+        return (f"Registered {self.name} version {self.version} (val accuracy {self.val_acc:.4f}); "
+                f"{before}; {verdict}")
+
+
+def _fmt(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.4f}"
+
+
+def _model_id(model_uri: str) -> str | None:
+    """`models:/m-abc` (what MLflow 3's log_model returns) -> `m-abc`; None for other URIs."""
+    rest = model_uri.removeprefix("models:/")
+    return rest if rest != model_uri and rest and "/" not in rest and "@" not in rest else None
+
+
+def ensure_registered_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if getattr(exc, "error_code", "") not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+
+
+def current_champion(client, name: str, alias: str = CHAMPION):
+    """The model version the alias points to, or None. (Read from the registered model's aliases:
+    a missing alias is an INVALID_PARAMETER_VALUE error in get_model_version_by_alias.)"""
+    version = client.get_registered_model(name).aliases.get(alias)
+    return None if version is None else client.get_model_version(name, str(version))
+
+
+def version_val_acc(client, version) -> float | None:
+    """A version's validation accuracy: its tag, else its training run's best_val_acc, else None."""
+    tagged = (version.tags or {}).get(VAL_ACC_TAG)
+    if tagged is not None:
+        try:
+            return float(tagged)
+        except ValueError:
+            pass
+    if version.run_id:
+        metric = client.get_run(version.run_id).data.metrics.get(RUN_VAL_ACC_METRIC)
+        if metric is not None:
+            return float(metric)
+    return None
+
+
+def should_promote(val_acc: float, champion_val_acc: float | None, has_champion: bool) -> bool:
+    """Only a strictly better model takes the alias. A champion whose accuracy is unknown (set by
+    hand on a version registered elsewhere) keeps it: someone chose it on purpose."""
+    if not has_champion:
+        return True
+    return champion_val_acc is not None and val_acc > champion_val_acc
+
+
+def register_and_promote(
+    client, name: str, model_uri: str, run_id: str, val_acc: float, alias: str = CHAMPION
+) -> Registration:
+    """Register `model_uri` (logged by run `run_id`) as a new version of `name`; move `alias` to it
+    when `val_acc` beats the current holder's. Records both accuracies on the run and the version."""
+    from mlflow.entities import Metric, RunTag
+
+    ensure_registered_model(client, name)
+    previous = current_champion(client, name, alias)
+    previous_acc = version_val_acc(client, previous) if previous is not None else None
+    version = client.create_model_version(
+        name, source=model_uri, run_id=run_id, model_id=_model_id(model_uri),
+        tags={VAL_ACC_TAG: repr(float(val_acc))},
+    )
+    promoted = should_promote(val_acc, previous_acc, previous is not None)
+    version_tags = {
+        "promoted": str(promoted).lower(),
+        f"{alias}_val_acc_before": "none" if previous_acc is None else repr(previous_acc),
+        f"{alias}_version_before": "none" if previous is None else str(previous.version),
+    }
+    for key, value in version_tags.items():
+        client.set_model_version_tag(name, version.version, key, value)
+    if promoted:
+        client.set_registered_model_alias(name, alias, version.version)
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(CANDIDATE_METRIC, float(val_acc), now, 0)]
+    if previous_acc is not None:
+        metrics.append(Metric(CHAMPION_METRIC, previous_acc, now, 0))
+    run_tags = {
+        "registry.model": name,
+        "registry.version": str(version.version),
+        "registry.promoted": str(promoted).lower(),
+        f"registry.{alias}_version_before": version_tags[f"{alias}_version_before"],
+    }
+    client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in run_tags.items()])
+    return Registration(
+        name=name,
+        version=str(version.version),
+        val_acc=float(val_acc),
+        previous_version=None if previous is None else str(previous.version),
+        previous_val_acc=previous_acc,
+        promoted=promoted,
+    )
+
+
+__all__ = [
+    "CHAMPION",
+    "Registration",
+    "current_champion",
+    "ensure_registered_model",
+    "register_and_promote",
+    "should_promote",
+    "version_val_acc",
+]
