@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from tasks.errors import CheckpointError
+from tasks.failpoints import failpoint
 
 LAST = "last.pth"
 BEST = "best_model.pth"
@@ -37,6 +38,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             torch.save({"format": FORMAT, **state}, f)
             f.flush()
             os.fsync(f.fileno())
+        failpoint("checkpoint_write")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -168,7 +168,7 @@ def config_from_mapping(raw: Mapping[str, Any], source: str = "params") -> Train
             f"{source} must be a mapping of `key: value` lines, got {type(raw).__name__}: "
             "see params.yaml in the repository for the format"
         )
-    unknown = sorted(str(k) for k in raw if k not in _RULES)
+    unknown = sorted(repr(k) for k in raw if k not in _RULES)  # repr: a key may hold a newline
     if unknown:
         raise ConfigError(
             f"{source}: unknown key(s) {', '.join(unknown)}; valid keys are: {', '.join(VALID_KEYS)}"
@@ -233,7 +233,7 @@ def load_config(
     raw: dict[str, Any] = {} if params_path is None else read_params_file(params_path)
     source = "params" if params_path is None else str(params_path)
     if overrides:
-        bad = sorted(str(k) for k in overrides if k not in _RULES)
+        bad = sorted(repr(k) for k in overrides if k not in _RULES)
         if bad:
             raise ConfigError(
                 f"--set: unknown key(s) {', '.join(bad)}; valid keys are: {', '.join(VALID_KEYS)}"

@@ -18,6 +18,7 @@ from torch import nn
 
 from tasks.augment import augment_batch, normalize
 from tasks.data import DecodedSplit
+from tasks.failpoints import failpoint
 from tasks.freezing import forward_from, frozen_features, set_train_mode
 
 try:
@@ -99,6 +100,7 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
+        failpoint("train_batch")
         total_loss += loss.detach().double().cpu() * len(labels)
         correct += int((logits.argmax(1) == labels).sum())
         seen += len(labels)

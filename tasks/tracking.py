@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from tasks.failpoints import failpoint
+
 Log = Callable[[str], None]
 
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_time_s", "val_time_s")
@@ -45,6 +47,7 @@ class MlflowTracker:
             self.failures.append(f"{what}: skipped while MLflow was unreachable")
             return None
         try:
+            failpoint("mlflow_log")
             return fn()
         except Exception as exc:  # any tracking failure: record it, keep training
             self.down = True

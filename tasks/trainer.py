@@ -148,6 +148,7 @@ def resume_run(cfg: TrainConfig, classes: list[str], log: Log = print) -> dict[s
         raise CheckpointError(
             f"--resume: no checkpoint at {path}: run without --resume to start, or set artifacts_dir to the earlier run's"
         )
+    ckpt.remove_stale_temporaries(cfg.checkpoints_dir)  # a write that a kill interrupted
     state = ckpt.load_checkpoint(path)
     check_resumable(cfg, state, classes, path)
     log(f"Resuming from {path}: {state['epoch']} epoch(s) done, best val accuracy {max(state['best_val_acc'], 0):.4f}")
@@ -279,12 +280,9 @@ def run_epoch(cfg: TrainConfig, epoch: int, log: Log = print, progress: bool = T
 
 def finish_run(cfg: TrainConfig) -> dict[str, Any]:
     """final_model.pth is the last epoch's state; returns the run's summary."""
-    last = checkpoint_path(cfg, ckpt.LAST)
-    final = checkpoint_path(cfg, ckpt.FINAL)
-    tmp = final.with_name(f".{final.name}.copy.tmp")
-    shutil.copyfile(last, tmp)
-    tmp.replace(final)
-    return _summary(ckpt.load_checkpoint(final))
+    state = ckpt.load_checkpoint(checkpoint_path(cfg, ckpt.LAST))
+    ckpt.save_checkpoint(state, checkpoint_path(cfg, ckpt.FINAL))
+    return _summary(state)
 
 
 def archive_previous_checkpoints(cfg: TrainConfig, log: Log = print) -> Path | None:
@@ -331,7 +329,28 @@ def check_inputs(cfg: TrainConfig, resume: bool, log: Log = print) -> dict[str, 
     if resume:
         resume_run(cfg, classes, lambda _: None)
     check_writable(cfg.checkpoints_dir)
+    check_free_space(cfg.checkpoints_dir, estimated_checkpoint_bytes(cfg, len(classes)) * 4)
     return describe_data(splits)
+
+
+def estimated_checkpoint_bytes(cfg: TrainConfig, num_classes: int) -> int:
+    """Weights plus Adam's two moments for every trainable weight, in float32."""
+    model = build_architecture(cfg.model_name, num_classes)
+    freeze_early_blocks(model, frozen_block_count(model, cfg.freeze_ratio))
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in trainable_parameters(model))
+    buffers = sum(b.numel() for b in model.buffers())
+    return 4 * (total + buffers + 2 * trainable)
+
+
+def check_free_space(directory: Path, needed_bytes: int) -> None:
+    """Refuse to start a run whose checkpoints (last, best, final and one being written) cannot fit."""
+    free = shutil.disk_usage(directory).free
+    if free < needed_bytes:
+        raise UserError(
+            f"not enough free disk space in {directory}: {free / 2**20:.0f} MiB free, checkpoints need about "
+            f"{needed_bytes / 2**20:.0f} MiB: free some space or set artifacts_dir to another disk"
+        )
 
 
 def check_writable(directory: Path) -> None:

@@ -45,7 +45,7 @@ def test_missing_keys_take_defaults():
 
 
 def test_unknown_key_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) epoch;.*valid keys are: model_name, epochs"):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) 'epoch';.*valid keys are: model_name, epochs"):
         config_from_mapping({"epoch": 3})
 
 
@@ -100,5 +100,5 @@ def test_set_without_equals_sign():
 
 
 def test_unknown_override_key():
-    with pytest.raises(ConfigError, match=r"--set: unknown key\(s\) epohcs"):
+    with pytest.raises(ConfigError, match=r"--set: unknown key\(s\) 'epohcs'"):
         load_config(None, {"epohcs": 3})

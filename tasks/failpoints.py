@@ -1,0 +1,42 @@
+"""Named failure points, for testing what a crash or an I/O error at a given moment does.
+
+Off unless `HARV_TRAIN_FAILPOINT` is set, as `NAME:N` or `NAME:N:ACTION`: the N-th time this process
+passes `failpoint(NAME)`, ACTION happens: `kill` (default) sends SIGKILL to the process itself, the
+same as `kill -9` from outside; `raise` raises an OSError, like a failing disk read. `NAME:N+:ACTION` acts on the
+N-th and every later pass (an outage rather than a blip). Several failpoints may be given,
+separated by commas. Points: `train_batch` (after each training step),
+`checkpoint_write` (temporary file written, not yet renamed), `mlflow_log` (before each MLflow call).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+
+_hits: Counter[str] = Counter()
+
+
+def _armed() -> dict[str, tuple[int, bool, str]]:
+    spec = os.environ.get("HARV_TRAIN_FAILPOINT", "")
+    armed = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, rest = item.partition(":")
+        count, _, action = rest.partition(":")
+        armed[name] = (int(count.rstrip("+") or 1), count.endswith("+"), action or "kill")
+    return armed
+
+
+def failpoint(name: str) -> None:
+    if "HARV_TRAIN_FAILPOINT" not in os.environ:
+        return
+    armed = _armed()
+    if name not in armed:
+        return
+    _hits[name] += 1
+    count, and_later, action = armed[name]
+    if _hits[name] < count or (_hits[name] > count and not and_later):
+        return
+    if action == "raise":
+        raise OSError(f"failpoint {name}: simulated I/O error (HARV_TRAIN_FAILPOINT)")
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,191 @@
+"""Faults: kill -9 at any moment, resume, tracking outages, locks, disk, and the same seed twice."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flows.train_flow import train_flow
+from tasks import checkpoints as ckpt
+from tasks import trainer
+from tasks.config import write_params_file
+from tasks.errors import UserError
+from tasks.locking import artifacts_lock
+
+REPO = Path(__file__).resolve().parent.parent
+METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(params: Path, *args: str, failpoint: str | None = None) -> subprocess.CompletedProcess:
+    """The real command in its own process, against the tests' Prefect server."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    env.pop("HARV_TRAIN_FAILPOINT", None)
+    if failpoint:
+        env["HARV_TRAIN_FAILPOINT"] = failpoint
+    return subprocess.run([sys.executable, "flows/train_flow.py", "--params", str(params), *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _reference_history(cfg):
+    splits = trainer.load_data(cfg, lambda _: None)
+    trainer.start_run(cfg, splits["train"].classes, None, lambda _: None)
+    return [trainer.run_epoch(cfg, e, lambda _: None, progress=False) for e in range(cfg.epochs)]
+
+
+@pytest.mark.parametrize(
+    "failpoint",
+    ["train_batch:6", "checkpoint_write:3", "mlflow_log:6"],
+    ids=["during-an-epoch", "during-a-checkpoint-write", "during-mlflow-logging"],
+)
+def test_kill_9_then_resume_equals_an_uninterrupted_run(make_config, tmp_path, failpoint):
+    reference = _reference_history(make_config(epochs=3, artifacts_dir=str(tmp_path / "reference")))
+    cfg = make_config(epochs=3)
+    params = tmp_path / "params.yaml"
+    write_params_file(cfg, params)
+
+    killed = _cli(params, failpoint=failpoint)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    for path in cfg.checkpoints_dir.glob("*.pth"):
+        ckpt.load_checkpoint(path)  # every checkpoint on disk still loads
+    run_id = ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.LAST)["mlflow_run_id"]
+
+    resumed = _cli(params, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    final = ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.FINAL)
+    assert final["epoch"] == 3 and final["mlflow_run_id"] == run_id
+    for got, want in zip(final["history"], reference, strict=True):
+        assert [got[k] for k in METRICS] == pytest.approx([want[k] for k in METRICS], rel=1e-5, abs=1e-6)
+    assert not list(cfg.checkpoints_dir.glob(".*.tmp"))
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    for key in METRICS:
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3], key
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_an_io_error_in_an_epoch_is_retried_from_the_checkpoint(make_config, tmp_path):
+    cfg = make_config(epochs=2, epoch_retries=2)
+    params = tmp_path / "params.yaml"
+    write_params_file(cfg, params)
+    result = _cli(params, failpoint="train_batch:6:raise")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "simulated I/O error" in result.stdout + result.stderr
+    reference = _reference_history(make_config(epochs=2, artifacts_dir=str(tmp_path / "reference")))
+    final = ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.FINAL)
+    assert [m["val_loss"] for m in final["history"]] == pytest.approx([m["val_loss"] for m in reference], rel=1e-5)
+
+
+def test_mlflow_unreachable_training_goes_on_and_the_run_fails_visibly(make_config, tmp_path):
+    cfg = make_config(epochs=2, mlflow_tracking_uri=f"http://127.0.0.1:{_free_port()}")
+    params = tmp_path / "params.yaml"
+    write_params_file(cfg, params)
+    state = train_flow(params_file=str(params), return_state=True)
+    assert state.is_failed()
+    assert "training finished and checkpoints are in" in state.message
+    assert "MLflow logging failed" in state.message and "--resume" in state.message
+    final = ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.FINAL)
+    assert final["epoch"] == 2 and (cfg.checkpoints_dir / ckpt.BEST).is_file()
+
+
+def test_a_tracking_blip_mid_run_is_caught_up_at_the_end(make_config, tmp_path):
+    cfg = make_config(epochs=3)
+    params = tmp_path / "params.yaml"
+    write_params_file(cfg, params)
+    # The 5th MLflow call (epoch 1's metrics) fails once: later calls wait for the end of the run.
+    result = _cli(params, failpoint="mlflow_log:5:raise")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "failed while logging epoch 1" in result.stdout + result.stderr
+    assert "everything missed was logged at the end" in result.stdout + result.stderr
+    run_id = ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.FINAL)["mlflow_run_id"]
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    assert [m.step for m in client.get_metric_history(run_id, "val_acc")] == [1, 2, 3]
+
+
+def test_tracking_down_until_the_end_fails_the_run_and_resume_catches_up(make_config, tmp_path):
+    cfg = make_config(epochs=3)
+    params = tmp_path / "params.yaml"
+    write_params_file(cfg, params)
+    failed = _cli(params, failpoint="mlflow_log:5+:raise")
+    assert failed.returncode == 1
+    assert "MLflow logging failed" in failed.stderr and "rerun with --resume" in failed.stderr
+    run_id = ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.FINAL)["mlflow_run_id"]
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    assert client.get_metric_history(run_id, "val_acc") == []
+
+    caught_up = _cli(params, "--resume")
+    assert caught_up.returncode == 0, caught_up.stderr[-2000:]
+    assert [m.step for m in client.get_metric_history(run_id, "val_acc")] == [1, 2, 3]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_second_flow_run_on_the_same_artifacts_dir_refuses(make_config, tmp_path):
+    cfg = make_config()
+    params = tmp_path / "params.yaml"
+    write_params_file(cfg, params)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from tasks.locking import artifacts_lock\n"
+         f"with artifacts_lock({cfg.artifacts_dir!r}):\n    print('locked', flush=True); time.sleep(60)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        state = train_flow(params_file=str(params), return_state=True)
+        assert state.is_failed() and "is in use by a running training" in state.message
+        assert not cfg.checkpoints_dir.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_lock_is_released_when_its_holder_is_killed(make_config):
+    cfg = make_config()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from tasks.locking import artifacts_lock\n"
+         f"with artifacts_lock({cfg.artifacts_dir!r}):\n    print('locked', flush=True); time.sleep(60)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    holder.kill()
+    holder.wait()
+    with artifacts_lock(cfg.artifacts_dir):
+        pass
+
+
+def test_artifacts_dir_that_cannot_be_created_is_a_clear_error(make_config, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UserError, match="cannot create artifacts_dir .*choose a writable artifacts_dir"):
+        with artifacts_lock(blocker / "artifacts"):
+            pass
+
+
+def test_not_enough_disk_space_stops_before_training(tmp_path):
+    import shutil
+
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(UserError, match="not enough free disk space .*MiB free, checkpoints need about"):
+        trainer.check_free_space(tmp_path, free + 2**40)
+    trainer.check_free_space(tmp_path, 2**20)
+
+
+def test_checkpoint_size_estimate_covers_a_real_checkpoint(make_config):
+    cfg = make_config(epochs=1)
+    _reference_history(cfg)
+    size = (cfg.checkpoints_dir / ckpt.LAST).stat().st_size
+    estimate = trainer.estimated_checkpoint_bytes(cfg, 2)
+    assert 0.9 * size <= estimate <= 1.5 * size
