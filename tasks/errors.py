@@ -29,3 +29,7 @@ class CheckpointError(UserError):
 
 class ArtifactsBusyError(UserError):
     """Another run holds the lock on the same artifacts_dir."""
+
+
+class ExportError(UserError):
+    """An exported model does not compute what the PyTorch model computes."""
