@@ -1,0 +1,118 @@
+"""Real servers for tests: started on a free loopback port in their own process group, waited for
+with a bounded health poll, and always stopped (the whole group: `mlflow server` forks uvicorn and a
+job runner). A server that cannot start fails the test with its command, port and last log lines."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+BIN = Path(sys.executable).parent  # the venv's console scripts: prefect, mlflow
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@contextmanager
+def running_server(
+    name: str, cmd: list[str], health_url: str, log_path: Path, env: dict[str, str] | None = None,
+    timeout: float = 120.0,
+) -> Iterator[subprocess.Popen]:
+    """Start `cmd`, wait until `health_url` answers 200 (at most `timeout` s), yield, then stop it."""
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise ServerStartError(
+                    f"{name} exited with code {proc.returncode} before answering {health_url} "
+                    f"(port taken? see {log_path}):\n{_tail(log_path)}")
+            try:
+                with urllib.request.urlopen(health_url, timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise ServerStartError(
+                    f"{name} did not answer {health_url} within {timeout:.0f}s (see {log_path}):\n{_tail(log_path)}")
+            time.sleep(0.5)
+        yield proc
+    finally:
+        stop(proc)
+        log.close()
+
+
+def stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM the server's process group, SIGKILL it if still there after `grace` seconds."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # children that outlived their parent
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+@contextmanager
+def mlflow_server(root: Path, port: int | None = None) -> Iterator[str]:
+    """`mlflow server` with a SQLite backend and a local artifact root under `root`; yields its URL."""
+    port = port or free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    cmd = [str(BIN / "mlflow"), "server",
+           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", str(root / "artifacts"),
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    url = f"http://127.0.0.1:{port}"
+    with running_server(f"mlflow server on port {port}", cmd, f"{url}/health", root / "server.log"):
+        yield url
+
+
+def prefect_env(home: Path, api_url: str) -> dict[str, str]:
+    """The environment of a Prefect CLI, server or worker of its own: its PREFECT_HOME, its API."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_API_URL=api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    return env
+
+
+@contextmanager
+def prefect_server(home: Path, port: int | None = None) -> Iterator[str]:
+    """`prefect server start` (SQLite in `home`, no scheduler: no runs appear unless a test asks);
+    yields its API URL."""
+    port = port or free_port()
+    home.mkdir(parents=True, exist_ok=True)
+    api_url = f"http://127.0.0.1:{port}/api"
+    cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+           "--no-scheduler", "--analytics-off"]
+    with running_server(f"prefect server on port {port}", cmd, f"{api_url}/health", home / "server.log",
+                        env=prefect_env(home, api_url)):
+        yield api_url
