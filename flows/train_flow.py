@@ -27,6 +27,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed
 
+from flows.evaluate_flow import evaluate_and_export_task
 from tasks import checkpoints as ckpt
 from tasks import trainer
 from tasks.config import TrainConfig, load_config, parse_override, write_params_file
@@ -173,6 +174,10 @@ def _train(cfg: TrainConfig, resume: bool):
     params_copy = cfg.checkpoints_dir / "params.yaml"
     write_params_file(cfg, params_copy)
     _finish_tracking(cfg, tracker, summary, params_copy)
+    # Report, plots and export of best_model.pth, logged to the same MLflow run (when it is reachable).
+    post = evaluate_and_export_task(cfg, None if tracker.down else tracker.run_id)
+    tracker.failures += post["tracking_failures"]
+    tracker.down = tracker.down or bool(post["tracking_failures"])
     best = trainer.checkpoint_path(cfg, ckpt.BEST)
     _log(f"Best model: val accuracy {summary['best_val_acc']:.4f} at epoch {summary['best_epoch']} -> {best}")
     _log(f"Final model: {trainer.checkpoint_path(cfg, ckpt.FINAL)}")

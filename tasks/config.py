@@ -75,6 +75,8 @@ class TrainConfig:
     channels_last: bool = True
     cache_max_mb: int = 2048
     skip_bad_images: bool = False
+    # After training: export the best model to TorchScript and ONNX (the evaluation always runs).
+    export: bool = True
     # Tracking.
     mlflow_tracking_uri: str = "sqlite:///mlflow.db"
     mlflow_experiment: str = "harv-train"
@@ -147,6 +149,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "channels_last": (lambda v: isinstance(v, bool), "true or false"),
     "cache_max_mb": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 never caches)"),
     "skip_bad_images": (lambda v: isinstance(v, bool), "true or false"),
+    "export": (lambda v: isinstance(v, bool), "true or false"),
     "mlflow_tracking_uri": (_nonempty_str, "a tracking URI such as sqlite:///mlflow.db"),
     "mlflow_experiment": (_nonempty_str, "an experiment name"),
     "registered_model_name": (lambda v: v is None or _nonempty_str(v), "null or a model name"),

@@ -1,0 +1,48 @@
+"""Classify images: `python flows/predict.py IMAGE_OR_DIR --checkpoint PATH [--json]`.
+
+`--checkpoint` takes a .pth written by the training flow, or an exported model.ts / model.onnx
+(with its model.json beside it). Prints one line per image (class and probability), or JSON with
+`--json`. No Prefect run: classifying a few files should not start a server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `tasks` importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tasks.errors import UserError
+from tasks.predict import format_json, format_table, list_images, load_predictor, predict
+from tasks.runtime import configure_threads
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python flows/predict.py",
+                                     description="Classify an image, or every image in a folder.")
+    parser.add_argument("target", metavar="IMAGE_OR_DIR", help="an image file or a folder of images (recursive)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="best_model.pth from training, or an exported model.ts / model.onnx")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        configure_threads(0)
+        paths = list_images(args.target)
+        predictor = load_predictor(args.checkpoint)
+        results = predict(predictor, paths)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(format_json(results, predictor.source) if args.json else format_table(results))
+    # Unreadable files are reported in place; the exit code tells scripts that some were.
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
