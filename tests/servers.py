@@ -14,13 +14,18 @@ import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 BIN = Path(sys.executable).parent  # the venv's console scripts: prefect, mlflow
 
 
 class ServerStartError(RuntimeError):
     pass
+
+
+class Server(NamedTuple):
+    url: str
+    proc: subprocess.Popen
 
 
 def free_port() -> int:
@@ -84,8 +89,8 @@ def stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
 
 
 @contextmanager
-def mlflow_server(root: Path, port: int | None = None) -> Iterator[str]:
-    """`mlflow server` with a SQLite backend and a local artifact root under `root`; yields its URL."""
+def mlflow_server(root: Path, port: int | None = None) -> Iterator[Server]:
+    """`mlflow server` with a SQLite backend and a local artifact root under `root`."""
     port = port or free_port()
     root.mkdir(parents=True, exist_ok=True)
     cmd = [str(BIN / "mlflow"), "server",
@@ -93,8 +98,8 @@ def mlflow_server(root: Path, port: int | None = None) -> Iterator[str]:
            "--artifacts-destination", str(root / "artifacts"),
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     url = f"http://127.0.0.1:{port}"
-    with running_server(f"mlflow server on port {port}", cmd, f"{url}/health", root / "server.log"):
-        yield url
+    with running_server(f"mlflow server on port {port}", cmd, f"{url}/health", root / "server.log") as proc:
+        yield Server(url, proc)
 
 
 def prefect_env(home: Path, api_url: str) -> dict[str, str]:
