@@ -70,7 +70,7 @@ def running_server(
         log.close()
 
 
-def stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
+def stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
     """SIGTERM the server's process group, SIGKILL it if still there after `grace` seconds."""
     if proc.poll() is None:
         try:

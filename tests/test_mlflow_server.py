@@ -87,7 +87,7 @@ def test_champion_alias_moves_only_when_val_accuracy_improves(make_config, serve
         state = _run(cfg, tmp_path)
         assert state.is_completed(), state.message
         accs.append(state.result()["best_val_acc"])
-        champions.append(client.get_model_version_by_alias("alias-model", "champion").version)
+        champions.append(str(client.get_model_version_by_alias("alias-model", "champion").version))
 
     assert accs[0] < accs[1] and accs[2] < accs[1], accs
     assert champions == ["1", "2", "2"]  # first one; better, moved; worse, stayed
