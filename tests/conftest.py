@@ -67,6 +67,7 @@ def make_config(tmp_path: Path, image_folder: Path):
             "mlflow_experiment": "tests",
             "num_workers": 0,
             "epoch_retries": 1,
+            "export": False,  # seconds per flow run; tests/test_evaluate_flow.py turns it on where it matters
         }
         values.update(overrides)
         return load_config(None, values)

@@ -15,7 +15,7 @@ from tasks.config import write_params_file
 
 @pytest.mark.usefixtures("prefect_server")
 def test_a_training_run_logs_the_report_plots_contact_sheet_and_export(make_config, tmp_path):
-    cfg = make_config(epochs=1)
+    cfg = make_config(epochs=1, export=True)
     params = tmp_path / "params.yaml"
     write_params_file(cfg, params)
     state = train_flow(params_file=str(params), return_state=True)
