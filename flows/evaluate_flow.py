@@ -30,7 +30,7 @@ from tasks import post_training
 from tasks.config import TrainConfig
 from tasks.errors import UserError
 from tasks.evaluation import check_class_folders, default_out_dir, evaluate_checkpoint, load_trained_model
-from tasks.export import export_checkpoint
+from tasks.export import LATENCY_RUNS, export_checkpoint
 from tasks.runtime import configure_threads
 
 
@@ -64,9 +64,9 @@ def evaluate_task(checkpoint: str, data: str, out: str) -> dict[str, Any]:
 
 
 @task(name="export", cache_policy=NO_CACHE)
-def export_task(checkpoint: str, data: str, out: str) -> dict[str, Any]:
+def export_task(checkpoint: str, data: str, out: str, latency_runs: int = LATENCY_RUNS) -> dict[str, Any]:
     configure_threads(0)
-    summary = export_checkpoint(checkpoint, data, out, log=_log).summary()
+    summary = export_checkpoint(checkpoint, data, out, latency_runs=latency_runs, log=_log).summary()
     _publish_export(summary)
     return summary
 
@@ -83,12 +83,13 @@ def evaluate_and_export_task(cfg: TrainConfig, mlflow_run_id: str | None) -> dic
 
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(checkpoint: str, data: str, out: str | None = None, export: bool = False,
-                  export_dir: str | None = None):
+                  export_dir: str | None = None, latency_runs: int = LATENCY_RUNS):
     """Evaluate a harv-train checkpoint on an ImageFolder split; optionally export it."""
     try:
         result = {"evaluation": evaluate_task(checkpoint, data, out or str(default_out_dir(checkpoint, "eval")))}
         if export:
-            result["export"] = export_task(checkpoint, data, export_dir or str(default_out_dir(checkpoint, "export")))
+            out_export = export_dir or str(default_out_dir(checkpoint, "export"))
+            result["export"] = export_task(checkpoint, data, out_export, latency_runs)
         return result
     except UserError as exc:
         get_run_logger().error(f"[evaluate] error: {exc}")
@@ -105,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", help="report directory (default: ARTIFACTS_DIR/eval beside the checkpoints)")
     parser.add_argument("--export", action="store_true", help="also export to TorchScript and ONNX")
     parser.add_argument("--export-dir", help="export directory (default: ARTIFACTS_DIR/export)")
+    parser.add_argument("--latency-runs", type=int, default=LATENCY_RUNS,
+                        help=f"timed runs per runtime for the CPU latency (default {LATENCY_RUNS})")
     return parser.parse_args(argv)
 
 
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         state, _ = load_trained_model(args.checkpoint)
         check_class_folders(Path(args.data), state["classes"])
         flow_state = evaluate_flow(checkpoint=args.checkpoint, data=args.data, out=args.out, export=args.export,
-                                   export_dir=args.export_dir, return_state=True)
+                                   export_dir=args.export_dir, latency_runs=args.latency_runs, return_state=True)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -38,8 +38,8 @@ def test_a_training_run_logs_the_report_plots_contact_sheet_and_export(make_conf
 def test_evaluate_command_writes_the_report_and_the_export(make_config, tmp_path, capsys):
     from tests.trained import train_tiny
 
-    cfg, best = train_tiny(tmp_path / "run")
-    code = main(["--checkpoint", str(best), "--data", f"{cfg.data_dir}/val", "--export"])
+    cfg, best = train_tiny(tmp_path / "run")  # its own: the command writes beside the checkpoints
+    code = main(["--checkpoint", str(best), "--data", f"{cfg.data_dir}/val", "--export", "--latency-runs", "3"])
     out = capsys.readouterr().out
     assert code == 0, out
     artifacts = tmp_path / "run" / "artifacts"  # the defaults: beside the checkpoints folder

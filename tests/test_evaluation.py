@@ -14,7 +14,7 @@ from PIL import Image
 from tasks.errors import CheckpointError, DataError
 from tasks.evaluation import Predictions, evaluate_checkpoint, load_eval_split, load_trained_model, worst_images
 from tasks.metrics import classification_metrics
-from tests.trained import train_tiny
+from tests.trained import shared_tiny
 
 # Hand-computed: classes a, b, c; true a a a b b c, predicted a a b b c c.
 #   confusion [[2,1,0],[0,1,1],[0,0,1]]
@@ -30,8 +30,8 @@ def example():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return train_tiny(tmp_path_factory.mktemp("trained"))
+def trained():
+    return shared_tiny()
 
 
 def test_confusion_matrix_rows_are_true_columns_predicted(example):

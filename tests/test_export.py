@@ -14,12 +14,12 @@ from tasks.augment import normalize
 from tasks.errors import ExportError
 from tasks.evaluation import load_eval_split, load_trained_model
 from tasks.trainer import load_model_from_checkpoint
-from tests.trained import train_tiny
+from tests.trained import shared_tiny
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    cfg, best = train_tiny(tmp_path_factory.mktemp("trained"), classes=("cat", "dog", "fox"))
+    cfg, best = shared_tiny(("cat", "dog", "fox"))
     out = tmp_path_factory.mktemp("export")
     result = export.export_checkpoint(best, f"{cfg.data_dir}/val", out, latency_runs=3, log=lambda _: None)
     state, model = load_trained_model(best)

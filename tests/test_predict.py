@@ -9,12 +9,12 @@ import pytest
 
 from flows.predict import main
 from tasks.export import export_checkpoint
-from tests.trained import train_tiny
+from tests.trained import shared_tiny
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return train_tiny(tmp_path_factory.mktemp("trained"))
+def trained():
+    return shared_tiny()
 
 
 def _predict_json(capsys, *args):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 from pathlib import Path
 
 from tasks import checkpoints as ckpt
@@ -22,3 +25,16 @@ def train_tiny(root: Path, classes: tuple[str, ...] = ("cat", "dog"), epochs: in
     for epoch in range(epochs):
         trainer.run_epoch(cfg, epoch, lambda _: None, progress=False)
     return cfg, cfg.checkpoints_dir / ckpt.BEST
+
+
+_SHARED: dict[tuple[str, ...], tuple[TrainConfig, Path]] = {}
+
+
+def shared_tiny(classes: tuple[str, ...] = ("cat", "dog")) -> tuple[TrainConfig, Path]:
+    """One trained checkpoint per class set for the whole test session: tests only read it (a test that
+    changes the data copies it first)."""
+    if classes not in _SHARED:
+        root = Path(tempfile.mkdtemp(prefix="harv-train-tiny-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        _SHARED[classes] = train_tiny(root, classes)
+    return _SHARED[classes]
