@@ -168,11 +168,13 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]])
 
 
 def write_report(out_dir: str | Path, state: dict[str, Any], predictions: Predictions,
-                 source: dict[str, str]) -> EvalReport:
+                 source: dict[str, Any], history: list[dict[str, Any]] | None = None) -> EvalReport:
+    """The report files; `history` (default: the checkpoint's own) draws the learning curves."""
     from tasks import plots  # matplotlib is only imported by what draws
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    history = state.get("history", []) if history is None else history
     classes = list(state["classes"])
     metrics = classification_metrics(predictions.labels, predictions.predicted, classes)
     worst = worst_images(predictions, classes)
@@ -188,11 +190,26 @@ def write_report(out_dir: str | Path, state: dict[str, Any], predictions: Predic
                                         [[c, *row] for c, row in zip(classes, metrics.confusion.tolist())])
     files["worst_csv"] = _write_csv(out_dir / "worst_images.csv", list(worst[0]), [list(w.values()) for w in worst])
 
-    files["learning_curves"] = plots.learning_curves(
-        state.get("history", []), state.get("best_epoch"), out_dir / "learning_curves.png")
+    files["learning_curves"] = plots.learning_curves(history, state.get("best_epoch"), out_dir / "learning_curves.png")
     files["confusion_plot"] = plots.confusion_matrix_plot(metrics.confusion, classes, out_dir / "confusion_matrix.png")
     files["worst_images"] = plots.contact_sheet(worst, out_dir / "worst_images.png")
     return EvalReport(out_dir, metrics, loss, files)
+
+
+def run_history(checkpoint: str | Path, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The whole run's per-epoch history: best_model.pth was saved at its best epoch, so the epochs after
+    it are only in last.pth / final_model.pth of the same run (same run_uid) beside it."""
+    history = list(state.get("history", []))
+    for name in (ckpt.FINAL, ckpt.LAST):
+        sibling = Path(checkpoint).with_name(name)
+        if sibling.is_file() and sibling != Path(checkpoint):
+            try:
+                other = ckpt.load_checkpoint(sibling)
+            except CheckpointError:
+                continue
+            if other.get("run_uid") == state.get("run_uid") and len(other.get("history", [])) > len(history):
+                history = list(other["history"])
+    return history
 
 
 def default_out_dir(checkpoint: str | Path, name: str) -> Path:
@@ -213,7 +230,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: s
     predictions = predict_split(model, split, state["mean"], state["std"], device=device)
     source = {"checkpoint": str(checkpoint), "data_dir": str(data_dir), "model_name": state["model_name"],
               "epoch": state["epoch"], "best_epoch": state.get("best_epoch"), "img_size": state["img_size"]}
-    report = write_report(out_dir, state, predictions, source)
+    report = write_report(out_dir, state, predictions, source, run_history(checkpoint, state))
     m = report.metrics
     log(f"Evaluation of {checkpoint} on {m.total} images in {data_dir}: accuracy {m.accuracy:.4f}, "
         f"macro F1 {m.macro['f1']:.4f}, loss {report.loss:.4f} -> {report.out_dir}")

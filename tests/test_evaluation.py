@@ -125,3 +125,17 @@ def test_the_dataset_root_instead_of_its_val_split_says_which_to_pass(trained, t
     cfg, best = trained
     with pytest.raises(DataError, match="holds train/ and val/ rather than class folders: pass .*val"):
         evaluate_checkpoint(best, cfg.data_dir, tmp_path / "eval", log=lambda _: None)
+
+
+def test_learning_curves_take_the_epochs_after_the_best_from_last_pth(trained, tmp_path):
+    from tasks import checkpoints as ckpt
+    from tasks.evaluation import run_history
+
+    _, best = trained
+    state = ckpt.load_checkpoint(best)
+    later = {**state, "history": state["history"] + [{**state["history"][-1], "epoch": 2}]}
+    ckpt.save_checkpoint(state, tmp_path / ckpt.BEST)
+    ckpt.save_checkpoint(later, tmp_path / ckpt.LAST)
+    assert [h["epoch"] for h in run_history(tmp_path / ckpt.BEST, state)] == [1, 2]
+    ckpt.save_checkpoint({**later, "run_uid": "another run"}, tmp_path / ckpt.LAST)
+    assert [h["epoch"] for h in run_history(tmp_path / ckpt.BEST, state)] == [1]
