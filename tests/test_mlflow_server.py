@@ -108,7 +108,7 @@ def test_server_dying_mid_run_keeps_checkpoints_and_fails_visibly(make_config, t
         def run_epoch_then_stop_the_server_after_the_first(cfg, epoch, *args, **kwargs):
             result = real_run_epoch(cfg, epoch, *args, **kwargs)
             if epoch == 0:
-                stop(server.proc)
+                stop(server.proc, grace=0)  # killed, as by a crash or OOM
             return result
 
         monkeypatch.setattr(trainer, "run_epoch", run_epoch_then_stop_the_server_after_the_first)
