@@ -54,7 +54,9 @@ worker: install
 
 deploy: install
 	$(CHECK_SERVER)
-	@$(PREFECT) work-pool inspect $(WORK_POOL) >/dev/null 2>&1 || $(PREFECT) work-pool create $(WORK_POOL) --type process
+	@# create the pool if missing; a worker starting at the same moment may create it first
+	@$(PREFECT) work-pool inspect $(WORK_POOL) >/dev/null 2>&1 || $(PREFECT) work-pool create $(WORK_POOL) --type process \
+	  || $(PREFECT) work-pool inspect $(WORK_POOL) >/dev/null
 	$(PREFECT) deploy --all
 
 # An MLflow tracking server (SQLite backend, artifacts served from mlserver/artifacts): what a team
