@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -39,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    print(format_json(results, predictor.source) if args.json else format_table(results))
+    try:
+        print(format_json(results, predictor.source) if args.json else format_table(results), flush=True)
+    except BrokenPipeError:  # piped into `head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     # Unreadable files are reported in place; the exit code tells scripts that some were.
     return 1 if any("error" in r for r in results) else 0
 
