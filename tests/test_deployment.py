@@ -71,6 +71,9 @@ def test_triggered_run_completes_on_a_process_worker_with_checkpoints_and_mlflow
         "mlflow_tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "mlflow_experiment": "deployment-test",
         "registered_model_name": None,
     }
+    # The run's working directory is the repository: keep the MLflow artifacts of this store in tmp.
+    mlflow = MlflowClient(overrides["mlflow_tracking_uri"])
+    mlflow.create_experiment("deployment-test", artifact_location=(tmp_path / "mlartifacts").as_uri())
     with SyncPrefectClient(api_url) as client:
         deployment = client.read_deployment_by_name("train/nightly-train")
         run = client.create_flow_run_from_deployment(deployment.id, parameters={"overrides": overrides})
@@ -87,9 +90,9 @@ def test_triggered_run_completes_on_a_process_worker_with_checkpoints_and_mlflow
     for name in (ckpt.BEST, ckpt.FINAL, ckpt.LAST):
         assert (tmp_path / "artifacts" / "checkpoints" / name).is_file(), log
 
-    mlflow = MlflowClient(overrides["mlflow_tracking_uri"])
     [mlflow_run] = mlflow.search_runs([mlflow.get_experiment_by_name("deployment-test").experiment_id])
     assert mlflow_run.info.status == "FINISHED"
     assert mlflow_run.data.tags["prefect.flow_run_id"] == str(run.id)
     assert mlflow_run.data.tags["prefect.deployment"] == "nightly-train"
     assert mlflow_run.data.params["epochs"] == "1"
+    assert (tmp_path / "mlartifacts").is_dir()
