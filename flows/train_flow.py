@@ -31,6 +31,7 @@ from flows.evaluate_flow import evaluate_and_export_task
 from tasks import checkpoints as ckpt
 from tasks import trainer
 from tasks.config import TrainConfig, load_config, parse_override, write_params_file
+from tasks.distributed import launch_epoch
 from tasks.errors import UserError
 from tasks.locking import artifacts_lock
 from tasks.runtime import configure_threads, resolve_device
@@ -64,6 +65,8 @@ def build_model_task(cfg: TrainConfig, classes: list[str], resume: bool, mlflow_
 @task(name="train-epoch", cache_policy=NO_CACHE, task_run_name="epoch-{epoch}")
 def train_epoch_task(cfg: TrainConfig, epoch: int) -> dict[str, Any]:
     # Restores from last.pth on entry: a retry redoes this epoch only, from the same state.
+    if cfg.distributed.world_size > 1:
+        return launch_epoch(cfg, epoch, _log)
     return trainer.run_epoch(cfg, epoch, _log)
 
 
@@ -100,7 +103,7 @@ def _finish_tracking(cfg: TrainConfig, tracker: MlflowTracker, summary: dict[str
         tracker.reconnect()
     if tracker.run_id is None and not tracker.down:
         tracker.start(None, runtime.flow_run.name, _tags())
-    tracker.log_params(cfg.to_dict())
+    tracker.log_params(cfg.flat_dict())
     tracker.log_epochs(summary["history"])
     tracker.log_metrics({"best_val_acc": summary["best_val_acc"], "best_epoch": summary["best_epoch"],
                          "epochs_completed": summary["epoch"]})
@@ -151,7 +154,7 @@ def _train(cfg: TrainConfig, resume: bool):
     tracker.start(previous_run, runtime.flow_run.name, _tags())
     if tracker.run_id:
         tracker.set_tags(_tags())
-        tracker.log_params(cfg.to_dict())
+        tracker.log_params(cfg.flat_dict())
         tracker.log_metrics({"train_images": data["train_images"], "val_images": data["val_images"],
                              "skipped_images": len(data["skipped_images"])}, "logging dataset size")
         _log(f"MLflow run {tracker.run_id} in {cfg.mlflow_tracking_uri} (experiment {cfg.mlflow_experiment})")

@@ -10,6 +10,7 @@ epoch cost about what the network costs.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,48 @@ def _saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 _JITTER_OPS = (_brightness, _contrast, _saturation)
 
 
+@dataclass
+class AugmentParams:
+    """Each sample's random draws: flip, rotation angle, jitter factors and jitter order."""
+
+    flip: torch.Tensor  # bool [B]
+    angle: torch.Tensor  # degrees [B]
+    factors: torch.Tensor  # [3, B]: brightness, contrast, saturation
+    order: torch.Tensor  # [B, 3]: a permutation of the three jitter ops per sample
+
+    def select(self, rows: torch.Tensor) -> "AugmentParams":
+        """The draws of some samples: a rank of a data-parallel run takes its share of a global batch."""
+        return AugmentParams(self.flip[rows], self.angle[rows], self.factors[:, rows], self.order[rows])
+
+
+def draw_augmentation(b: int, generator: torch.Generator) -> AugmentParams:
+    # All randomness is drawn on the CPU from `generator`, so a seed fixes it on any device.
+    flip = torch.rand(b, generator=generator) < 0.5
+    angle = (torch.rand(b, generator=generator) * 2 - 1) * ROTATION_DEGREES
+    factors = 1 + (torch.rand(3, b, generator=generator) * 2 - 1) * JITTER
+    order = torch.argsort(torch.rand(b, 3, generator=generator), dim=1)
+    return AugmentParams(flip, angle, factors, order)
+
+
+def apply_augmentation(
+    x_uint8: torch.Tensor, params: AugmentParams, mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
+    """Flip, rotation and colour jitter with the given draws, then normalize. Float32 [B, 3, H, W]."""
+    b = x_uint8.shape[0]
+    device = x_uint8.device
+    x = x_uint8.float().div_(255)
+    x = torch.where(params.flip.to(device).view(b, 1, 1, 1), x.flip(-1), x)
+    x = _rotate(x, params.angle.to(device))
+    factors = params.factors.to(device).view(3, b, 1, 1, 1)
+    order = params.order.to(device)
+    for position in range(3):
+        for op_index, op in enumerate(_JITTER_OPS):
+            rows = (order[:, position] == op_index).nonzero().squeeze(1)
+            if rows.numel():
+                x[rows] = op(x[rows], factors[op_index, rows])
+    return _normalize_float(x, mean, std)
+
+
 def augment_batch(
     x_uint8: torch.Tensor,
     mean: tuple[float, ...],
@@ -68,23 +111,4 @@ def augment_batch(
     generator: torch.Generator,
 ) -> torch.Tensor:
     """Random flip, rotation and colour jitter per sample, then normalize. Float32 [B, 3, H, W]."""
-    b = x_uint8.shape[0]
-    # All randomness is drawn on the CPU from `generator`, so a seed fixes it on any device.
-    flip = torch.rand(b, generator=generator) < 0.5
-    angle = (torch.rand(b, generator=generator) * 2 - 1) * ROTATION_DEGREES
-    factors = 1 + (torch.rand(3, b, generator=generator) * 2 - 1) * JITTER
-    order = torch.argsort(torch.rand(b, 3, generator=generator), dim=1)  # a random permutation per sample
-
-    device = x_uint8.device
-    x = x_uint8.float().div_(255)
-    flip = flip.to(device)
-    x = torch.where(flip.view(b, 1, 1, 1), x.flip(-1), x)
-    x = _rotate(x, angle.to(device))
-    factors = factors.to(device).view(3, b, 1, 1, 1)
-    order = order.to(device)
-    for position in range(3):
-        for op_index, op in enumerate(_JITTER_OPS):
-            rows = (order[:, position] == op_index).nonzero().squeeze(1)
-            if rows.numel():
-                x[rows] = op(x[rows], factors[op_index, rows])
-    return _normalize_float(x, mean, std)
+    return apply_augmentation(x_uint8, draw_augmentation(x_uint8.shape[0], generator), mean, std)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -42,6 +42,21 @@ _YamlLoader.add_implicit_resolver(
 
 def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """Data-parallel training under torchrun; nproc_per_node x nnodes = 1 is the plain single process."""
+
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    rdzv_endpoint: str = "127.0.0.1:29400"  # used when nnodes > 1; one node alone rendezvouses by itself
+    backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+    max_restarts: int = 0  # torchrun restarts of all workers after a worker fails, below Prefect's retries
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
 
 
 @dataclass(frozen=True)
@@ -81,9 +96,21 @@ class TrainConfig:
     mlflow_tracking_uri: str = "sqlite:///mlflow.db"
     mlflow_experiment: str = "harv-train"
     registered_model_name: str | None = None
+    # Beyond one process.
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def flat_dict(self) -> dict[str, Any]:
+        """Nested sections as dotted keys (`distributed.nproc_per_node`): MLflow params are flat."""
+        flat = {}
+        for key, value in self.to_dict().items():
+            if isinstance(value, dict):
+                flat.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                flat[key] = value
+        return flat
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -155,6 +182,21 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "registered_model_name": (lambda v: v is None or _nonempty_str(v), "null or a model name"),
 }
 
+_DISTRIBUTED_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "nproc_per_node": (lambda v: _is_int(v) and 1 <= v <= 1024, "an integer from 1 to 1024"),
+    "nnodes": (lambda v: _is_int(v) and 1 <= v <= 1024, "an integer from 1 to 1024"),
+    "rdzv_endpoint": (
+        lambda v: isinstance(v, str) and v.rpartition(":")[0] != "" and v.rpartition(":")[2].isdigit(),
+        "HOST:PORT",
+    ),
+    "backend": (lambda v: v in ("auto", "gloo", "nccl"), "auto, gloo or nccl"),
+    "max_restarts": (lambda v: _is_int(v) and 0 <= v <= 100, "an integer from 0 to 100"),
+}
+_RULES["distributed"] = (
+    lambda v: isinstance(v, Mapping),
+    "a mapping with keys " + ", ".join(_DISTRIBUTED_RULES),
+)
+
 VALID_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 assert set(_RULES) == set(VALID_KEYS), "every TrainConfig field needs a validation rule"
 
@@ -181,12 +223,35 @@ def config_from_mapping(raw: Mapping[str, Any], source: str = "params") -> Train
         if not check(value):
             raise ConfigError(f"{source}: {key} must be {expected}, got {_short(value)}")
     values = dict(raw)
+    if "distributed" in values:
+        values["distributed"] = _distributed_from_mapping(values["distributed"], source)
     for key in ("lr", "freeze_ratio", "weight_decay", "lr_factor", "min_lr"):
         if key in values:
             values[key] = float(values[key])
     if values.get("classes") is not None:
         values["classes"] = list(values["classes"])
-    return TrainConfig(**values)
+    cfg = TrainConfig(**values)
+    world = cfg.distributed.world_size
+    if cfg.batch_size % world:
+        raise ConfigError(
+            f"{source}: batch_size {cfg.batch_size} must be divisible by the {world} processes of distributed "
+            "(nproc_per_node x nnodes): it is the global batch, split evenly across them"
+        )
+    return cfg
+
+
+def _distributed_from_mapping(raw: Mapping[str, Any], source: str) -> DistributedConfig:
+    unknown = sorted(repr(k) for k in raw if k not in _DISTRIBUTED_RULES)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(unknown)} in distributed; valid keys are: "
+            + ", ".join(_DISTRIBUTED_RULES)
+        )
+    for key, value in raw.items():
+        check, expected = _DISTRIBUTED_RULES[key]
+        if not check(value):
+            raise ConfigError(f"{source}: distributed.{key} must be {expected}, got {_short(value)}")
+    return DistributedConfig(**raw)
 
 
 def read_params_file(path: str | Path) -> dict[str, Any]:
@@ -228,6 +293,10 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
+def _is_section_key(key: Any) -> bool:
+    return isinstance(key, str) and key.startswith("distributed.") and len(key) > len("distributed.")
+
+
 def load_config(
     params_path: str | Path | None = "params.yaml",
     overrides: Mapping[str, Any] | None = None,
@@ -236,12 +305,19 @@ def load_config(
     raw: dict[str, Any] = {} if params_path is None else read_params_file(params_path)
     source = "params" if params_path is None else str(params_path)
     if overrides:
-        bad = sorted(repr(k) for k in overrides if k not in _RULES)
+        bad = sorted(repr(k) for k in overrides if k not in _RULES and not _is_section_key(k))
         if bad:
             raise ConfigError(
                 f"--set: unknown key(s) {', '.join(bad)}; valid keys are: {', '.join(VALID_KEYS)}"
+                + " (and distributed.KEY)"
             )
-        raw.update(overrides)
+        for key, value in overrides.items():
+            if _is_section_key(key):  # distributed.nproc_per_node=2 sets one key of the section
+                section, _, sub = key.partition(".")
+                current = raw.get(section)
+                raw[section] = {**(current if isinstance(current, Mapping) else {}), sub: value}
+            else:
+                raw[key] = value
         source += " with --set overrides"
     return config_from_mapping(raw, source)
 
@@ -253,6 +329,7 @@ def write_params_file(cfg: TrainConfig, path: str | Path) -> None:
 
 __all__ = [
     "MODEL_NAMES",
+    "DistributedConfig",
     "TrainConfig",
     "VALID_KEYS",
     "config_from_mapping",

@@ -156,7 +156,12 @@ class DecodedSplit:
         self, order: torch.Tensor, batch_size: int, num_workers: int = 0
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(uint8 images, labels) in `order`, `batch_size` at a time (the last batch may be short)."""
-        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        return self.batches_of([order[i : i + batch_size] for i in range(0, len(order), batch_size)], num_workers)
+
+    def batches_of(
+        self, chunks: list[torch.Tensor], num_workers: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(uint8 images, labels) for each tensor of indices in `chunks`."""
         if self.images is not None:
             for idx in chunks:
                 yield self.images[idx], self.labels[idx]

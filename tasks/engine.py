@@ -11,12 +11,12 @@ import contextlib
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
-from tasks.augment import augment_batch, normalize
+from tasks.augment import apply_augmentation, draw_augmentation, normalize
 from tasks.data import DecodedSplit
 from tasks.failpoints import failpoint
 from tasks.freezing import forward_from, frozen_features, set_train_mode
@@ -34,6 +34,25 @@ class EpochResult:
     batches: int
     images: int
     seconds: float
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in a data-parallel run: rank 0 of 1 unless launched by torchrun."""
+
+    rank: int = 0
+    size: int = 1
+
+    def sum(self, *values: float) -> list[float]:
+        """Each value summed over every rank (all ranks get the totals)."""
+        if self.size == 1:
+            return list(values)
+        totals = torch.tensor(values, dtype=torch.float64)
+        torch.distributed.all_reduce(totals)
+        return totals.tolist()
+
+
+SINGLE = World()
 
 
 @dataclass
@@ -74,23 +93,37 @@ def train_one_epoch(
     generator: torch.Generator,
     scaler: torch.amp.GradScaler | None = None,
     progress: bool = True,
+    world: World = SINGLE,
+    trainable: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> EpochResult:
-    """Shuffle, augment, forward, backward, step over every training image once."""
+    """Shuffle, augment, forward, backward, step over every training image once.
+
+    `batch_size` is the global batch. In a data-parallel run every rank draws the same order and the
+    same augmentation for each global batch and takes every `world.size`-th sample of it, so the
+    ranks together see exactly what one process would. `trainable` runs the network after the
+    frozen prefix (a DistributedDataParallel wrapper there); by default the model itself.
+    """
     start = time.perf_counter()
     criterion = nn.CrossEntropyLoss()
     set_train_mode(model, n_frozen)
+    trainable = trainable or (lambda h: forward_from(model, n_frozen, h))
     order = torch.randperm(len(data), generator=generator)
-    n_batches = -(-len(data) // batch_size)
+    global_batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if world.size > 1:  # every rank needs a share of every step: a last batch smaller than the world is dropped
+        global_batches = [b for b in global_batches if len(b) >= world.size]
+    draws = [draw_augmentation(len(b), generator) for b in global_batches]
+    mine = [torch.arange(world.rank, len(b), world.size) for b in global_batches]
+    chunks = [b[rows] for b, rows in zip(global_batches, mine)]
     total_loss = torch.zeros((), dtype=torch.float64)
     correct = 0
     seen = 0
-    batches = data.batches(order, batch_size, pipeline.num_workers)
-    for images, labels in _progress(batches, n_batches, "train", progress):
+    batches = zip(data.batches_of(chunks, pipeline.num_workers), draws, mine)
+    for (images, labels), draw, rows in _progress(batches, len(chunks), "train", progress):
         images = images.to(pipeline.device, non_blocking=True)
         labels = labels.to(pipeline.device, non_blocking=True)
-        x = pipeline.to_input(augment_batch(images, pipeline.mean, pipeline.std, generator))
+        x = pipeline.to_input(apply_augmentation(images, draw.select(rows), pipeline.mean, pipeline.std))
         with pipeline.autocast():
-            logits = forward_from(model, n_frozen, frozen_features(model, n_frozen, x))
+            logits = trainable(frozen_features(model, n_frozen, x))
             loss = criterion(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -104,11 +137,12 @@ def train_one_epoch(
         total_loss += loss.detach().double().cpu() * len(labels)
         correct += int((logits.argmax(1) == labels).sum())
         seen += len(labels)
+    loss_sum, correct, seen = world.sum(float(total_loss), correct, seen)
     return EpochResult(
-        loss=float(total_loss) / seen,
+        loss=loss_sum / seen,
         acc=correct / seen,
-        batches=n_batches,
-        images=seen,
+        batches=len(chunks),
+        images=int(seen),
         seconds=time.perf_counter() - start,
     )
 
@@ -119,10 +153,14 @@ def frozen_feature_batches(
     data: DecodedSplit,
     batch_size: int,
     pipeline: Pipeline,
+    world: World = SINGLE,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(frozen-prefix output, labels) for every image in order, no augmentation."""
+    """(frozen-prefix output, labels) for this rank's share of the images, no augmentation.
+
+    Every image belongs to exactly one rank (no padding): summed over ranks, evaluation counts each
+    validation image once."""
     model.eval()
-    order = torch.arange(len(data))
+    order = torch.arange(world.rank, len(data), world.size)
     with torch.no_grad():
         for images, labels in data.batches(order, batch_size, pipeline.num_workers):
             x = pipeline.to_input(normalize(images.to(pipeline.device), pipeline.mean, pipeline.std))
@@ -134,6 +172,7 @@ def evaluate(
     model: nn.Module,
     n_frozen: int,
     feature_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    world: World = SINGLE,
 ) -> EpochResult:
     """Loss and accuracy of the trainable rest of the network on precomputed frozen features.
 
@@ -154,10 +193,11 @@ def evaluate(
             correct += int((logits.argmax(1) == labels).sum())
             seen += len(labels)
             batches += 1
+    total_loss, correct, seen = world.sum(total_loss, correct, seen)
     return EpochResult(
         loss=total_loss / seen,
         acc=correct / seen,
         batches=batches,
-        images=seen,
+        images=int(seen),
         seconds=time.perf_counter() - start,
     )

@@ -4,7 +4,8 @@ Off unless `HARV_TRAIN_FAILPOINT` is set, as `NAME:N` or `NAME:N:ACTION`: the N-
 passes `failpoint(NAME)`, ACTION happens: `kill` (default) sends SIGKILL to the process itself, the
 same as `kill -9` from outside; `raise` raises an OSError, like a failing disk read. `NAME:N+:ACTION` acts on the
 N-th and every later pass (an outage rather than a blip). Several failpoints may be given,
-separated by commas. Points: `train_batch` (after each training step),
+separated by commas. Under torchrun, `HARV_TRAIN_FAILPOINT_RANK=R` limits them to rank R, and they never fire
+after the elastic agent restarted the workers. Points: `train_batch` (after each training step),
 `checkpoint_write` (temporary file written, not yet renamed), `mlflow_log` (before each MLflow call).
 """
 
@@ -29,6 +30,12 @@ def _armed() -> dict[str, tuple[int, bool, str]]:
 
 def failpoint(name: str) -> None:
     if "HARV_TRAIN_FAILPOINT" not in os.environ:
+        return
+    # Under torchrun: only in the rank named by HARV_TRAIN_FAILPOINT_RANK (if set), and only in the
+    # first launch of the workers, so that a restart by the elastic agent can recover.
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    if os.environ.get("HARV_TRAIN_FAILPOINT_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
         return
     armed = _armed()
     if name not in armed:

@@ -23,13 +23,17 @@ from tasks import checkpoints as ckpt
 from tasks.config import TrainConfig
 from tasks.data import DecodedSplit, load_dataset
 from tasks.early_stopping import EarlyStopping
-from tasks.engine import Pipeline, evaluate, frozen_feature_batches, train_one_epoch
+from tasks.engine import SINGLE, Pipeline, World, evaluate, frozen_feature_batches, train_one_epoch
 from tasks.errors import CheckpointError, UserError
-from tasks.freezing import freeze_early_blocks, frozen_block_count, trainable_parameters
+from tasks.freezing import forward_from, freeze_early_blocks, frozen_block_count, trainable_parameters
 from tasks.models import build_architecture, build_model, format_parameter_counts, model_spec, resolve_weights_file
-from tasks.runtime import configure_threads, epoch_seed, resolve_device, seed_everything
+from tasks.runtime import available_cores, configure_threads, epoch_seed, resolve_device, seed_everything
 
 Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
 
 
 def load_data(cfg: TrainConfig, log: Log = print) -> dict[str, DecodedSplit]:
@@ -195,10 +199,31 @@ def _collect_val_features(session: _Session, batches, cache_max_mb: int):
         session.val_features = kept
 
 
-def run_epoch(cfg: TrainConfig, epoch: int, log: Log = print, progress: bool = True) -> dict[str, Any]:
+class _TrainablePart(nn.Module):
+    """The network after the frozen prefix, as one module: what DistributedDataParallel wraps. Its
+    frozen parameters do not require grad, so DDP leaves them out of its gradient buckets and every
+    parameter it does reduce receives a gradient each step (no find_unused_parameters needed)."""
+
+    def __init__(self, model: nn.Module, n_frozen: int):
+        super().__init__()
+        self.model, self.n_frozen = model, n_frozen
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return forward_from(self.model, self.n_frozen, h)
+
+
+def run_epoch(
+    cfg: TrainConfig, epoch: int, log: Log = print, progress: bool = True, world: World = SINGLE
+) -> dict[str, Any]:
     """Train epoch `epoch` (0-based) from last.pth and write its result. Idempotent: an epoch that
-    last.pth already contains is not trained again."""
-    configure_threads(cfg.threads)
+    last.pth already contains is not trained again. Under torchrun (`world.size` > 1) every rank
+    runs this; only rank 0 logs and writes checkpoints."""
+    if world.rank != 0:
+        log = _quiet
+    if not cfg.threads and world.size > 1:
+        configure_threads(max(1, available_cores() // cfg.distributed.nproc_per_node))
+    else:
+        configure_threads(cfg.threads)
     last_path = checkpoint_path(cfg, ckpt.LAST)
     state = ckpt.load_checkpoint(last_path)
     if state["epoch"] > epoch:
@@ -225,14 +250,21 @@ def run_epoch(cfg: TrainConfig, epoch: int, log: Log = print, progress: bool = T
     torch.manual_seed(seed)  # dropout
     generator = torch.Generator().manual_seed(seed)  # shuffling and augmentation
     lr = optimizer.param_groups[0]["lr"]
+    trainable = None
+    if world.size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [pipeline.device.index] if pipeline.device.type == "cuda" else None
+        trainable = DistributedDataParallel(_TrainablePart(model, n_frozen), device_ids=device_ids)
     train = train_one_epoch(model, n_frozen, optimizer, splits["train"], cfg.batch_size, pipeline, generator,
-                            scaler, progress)
+                            scaler, progress and world.rank == 0, world, trainable)
 
     val_start = time.perf_counter()
     features = session.val_features or _collect_val_features(
-        session, frozen_feature_batches(model, n_frozen, splits["val"], cfg.batch_size, pipeline), cfg.cache_max_mb
+        session, frozen_feature_batches(model, n_frozen, splits["val"], cfg.batch_size, pipeline, world),
+        cfg.cache_max_mb,
     )
-    val = evaluate(model, n_frozen, features)
+    val = evaluate(model, n_frozen, features, world)
     val.seconds = time.perf_counter() - val_start  # includes the frozen features when computed this epoch
 
     scheduler.step(val.loss)
@@ -269,10 +301,12 @@ def run_epoch(cfg: TrainConfig, epoch: int, log: Log = print, progress: bool = T
     if is_best:
         new_state["best_val_acc"] = val.acc
         new_state["best_epoch"] = epoch + 1
-        # best before last: a crash in between re-runs this epoch, which rewrites the same best.
-        ckpt.save_checkpoint(new_state, checkpoint_path(cfg, ckpt.BEST))
-        log(f"New best model: val accuracy {val.acc:.4f} at epoch {epoch + 1} -> {checkpoint_path(cfg, ckpt.BEST)}")
-    ckpt.save_checkpoint(new_state, last_path)
+    if world.rank == 0:
+        if is_best:
+            # best before last: a crash in between re-runs this epoch, which rewrites the same best.
+            ckpt.save_checkpoint(new_state, checkpoint_path(cfg, ckpt.BEST))
+            log(f"New best model: val accuracy {val.acc:.4f} at epoch {epoch + 1} -> {checkpoint_path(cfg, ckpt.BEST)}")
+        ckpt.save_checkpoint(new_state, last_path)
     if stopper.should_stop:
         log(f"Early stopping: no better val accuracy for {cfg.early_stopping_patience} epochs")
     return {**metrics, "stop": stopper.should_stop}
@@ -327,7 +361,7 @@ def check_inputs(cfg: TrainConfig, resume: bool, log: Log = print) -> dict[str, 
     if cfg.pretrained or cfg.weights_path:
         resolve_weights_file(cfg.model_name, cfg.weights_path)
     if resume:
-        resume_run(cfg, classes, lambda _: None)
+        resume_run(cfg, classes, _quiet)
     check_writable(cfg.checkpoints_dir)
     check_free_space(cfg.checkpoints_dir, estimated_checkpoint_bytes(cfg, len(classes)) * 4)
     return describe_data(splits)

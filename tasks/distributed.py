@@ -1,0 +1,126 @@
+"""Data-parallel epochs under PyTorch's elastic launcher (torchrun).
+
+With `distributed.nproc_per_node x nnodes` > 1, the flow's epoch task calls `launch_epoch`, which runs
+
+    python -m torch.distributed.run --nproc_per_node N ... -m tasks.distributed --params P --epoch E
+
+Each worker (`main` below) joins the process group, runs `tasks.trainer.run_epoch` as its rank, and
+exits; rank 0 writes the checkpoints, so the task reads the epoch's metrics back from `last.pth`.
+Who handles what: torchrun's `--max-restarts` (distributed.max_restarts) restarts all workers of the
+epoch when one dies, from the same last.pth; when those are used up torchrun exits non-zero, the
+task fails, and Prefect's task retries (epoch_retries) launch the epoch again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+from tasks import checkpoints as ckpt
+from tasks.config import TrainConfig, load_config, write_params_file
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def torchrun_command(cfg: TrainConfig, params_file: Path, epoch: int, run_id: str) -> list[str]:
+    d = cfg.distributed
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={d.nproc_per_node}",
+           f"--max_restarts={d.max_restarts}"]
+    if d.nnodes == 1:
+        cmd.append("--standalone")  # a free local port for the rendezvous: no clash between runs
+    else:
+        cmd += [f"--nnodes={d.nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={d.rdzv_endpoint}",
+                f"--rdzv_id={run_id}-epoch{epoch}"]
+    return cmd + ["-m", "tasks.distributed", "--params", str(params_file), "--epoch", str(epoch)]
+
+
+def launch_epoch(cfg: TrainConfig, epoch: int, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train one epoch with torchrun; returns its metrics as `run_epoch` would."""
+    params_file = cfg.checkpoints_dir / "torchrun-params.yaml"
+    write_params_file(cfg, params_file)
+    run_id = ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.LAST)["run_uid"]
+    cmd = torchrun_command(cfg, params_file, epoch, run_id)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env.setdefault("OMP_NUM_THREADS", "1")  # workers set their own thread count; silences torchrun's notice
+    log(f"Launching {cfg.distributed.world_size} processes: {' '.join(cmd[1:])}")
+    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, bufsize=1) as proc:
+        tail: list[str] = []
+        for line in proc.stdout:
+            line = line.rstrip()
+            tail = (tail + [line])[-20:]
+            log(line)
+    if proc.returncode != 0:
+        errors = [t for t in tail if "Error" in t or "error" in t] or tail[-1:]
+        raise RuntimeError(
+            f"torchrun exited with code {proc.returncode} in epoch {epoch + 1}: "
+            + (errors[-1] if errors else "see the log above")
+        )
+    state = ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.LAST)
+    if state["epoch"] <= epoch:
+        raise RuntimeError(f"torchrun finished epoch {epoch + 1} but {ckpt.LAST} holds {state['epoch']} epochs")
+    return {**state["history"][epoch], "stop": state["stopped_early"]}
+
+
+def _backend(cfg: TrainConfig) -> str:
+    import torch
+
+    if cfg.distributed.backend != "auto":
+        return cfg.distributed.backend
+    return "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
+
+
+def _init_process_group(backend: str) -> None:
+    """Join the process group through a store prefix of this launch of the workers.
+
+    After torchrun restarts the workers, the agent's store still holds the killed workers' gloo
+    addresses under the default keys; a fresh prefix per restart keeps the new workers from dialling
+    the dead ones (which fails with "Connection refused" or hangs)."""
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=float(os.environ.get("HARV_TRAIN_DIST_TIMEOUT_S", "600")))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "False") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=not agent_store and rank == 0, timeout=timeout)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"harv-train/launch-{restart}", store),
+                            rank=rank, world_size=world_size, timeout=timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One torchrun worker: train one epoch as this rank."""
+    import torch
+    import torch.distributed as dist
+
+    from tasks import trainer
+    from tasks.engine import World
+
+    parser = argparse.ArgumentParser(description="one data-parallel epoch (started by torchrun)")
+    parser.add_argument("--params", required=True)
+    parser.add_argument("--epoch", type=int, required=True)
+    args = parser.parse_args(argv)
+    cfg = load_config(args.params)
+    backend = _backend(cfg)
+    if backend == "nccl":
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        cfg = dataclasses.replace(cfg, device=f"cuda:{local_rank}")
+    _init_process_group(backend)
+    try:
+        world = World(dist.get_rank(), dist.get_world_size())
+        trainer.run_epoch(cfg, args.epoch, lambda m: print(f"[train] {m}", flush=True), progress=False, world=world)
+        dist.barrier()  # rank 0 has written the checkpoint before any rank reports success
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""Data-parallel epochs under torchrun (gloo on CPU, 2 processes on these 2 cores)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import write_image_folder
+from flows.train_flow import train_flow
+from tasks import checkpoints as ckpt
+from tasks import trainer
+from tasks.config import write_params_file
+from tasks.distributed import launch_epoch, torchrun_command
+from tasks.engine import Pipeline, evaluate, frozen_feature_batches
+from tasks.models import model_spec
+
+quiet = lambda _: None  # noqa: E731
+
+
+def _evaluate_single_process(cfg, checkpoint):
+    """Val loss and accuracy of a checkpoint, computed by one process over the whole val set."""
+    state = ckpt.load_checkpoint(checkpoint)
+    model = trainer.load_model_from_checkpoint(state)
+    spec = model_spec(cfg.model_name)
+    pipeline = Pipeline(spec.mean, spec.std, torch.device("cpu"), channels_last=False)
+    split = trainer.load_data(cfg, quiet)["val"]
+    result = evaluate(model, state["n_frozen"], frozen_feature_batches(model, state["n_frozen"], split, 4, pipeline))
+    return result.loss, result.acc
+
+
+def test_two_processes_train_one_run_with_one_checkpoint_set(make_config, tmp_path, prefect_server):
+    data = write_image_folder(tmp_path / "odd", n_train=8, n_val=5)  # 10 val images: 5 per rank
+    (data / "val" / "dog" / "dog_4.png").unlink()  # 9: an uneven split, 5 and 4
+    cfg = make_config(data_dir=str(data), epochs=2, **{"distributed": {"nproc_per_node": 2}})
+    params = tmp_path / "params.yaml"
+    write_params_file(cfg, params)
+    state = train_flow(params_file=str(params), return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert [m["epoch"] for m in summary["history"]] == [1, 2]
+    assert sorted(p.name for p in cfg.checkpoints_dir.glob("*.pth")) == [ckpt.BEST, ckpt.FINAL, ckpt.LAST]
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    [experiment] = [e for e in client.search_experiments() if e.name == cfg.mlflow_experiment]
+    assert len(client.search_runs([experiment.experiment_id])) == 1
+    assert [m.step for m in client.get_metric_history(summary["mlflow_run_id"], "val_acc")] == [1, 2]
+    # The logged val metrics count every validation image once: they equal a one-process evaluation.
+    loss, acc = _evaluate_single_process(cfg, cfg.checkpoints_dir / ckpt.FINAL)
+    assert summary["history"][-1]["val_acc"] == pytest.approx(acc, abs=1e-9)
+    assert summary["history"][-1]["val_loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_two_processes_match_one_with_the_same_global_batch_and_seed(make_config, tmp_path):
+    """Only the head trains here (freeze_ratio 1), so no BatchNorm statistics differ between ranks;
+    what still differs is the dropout mask each process draws for its samples. Measured: val loss
+    within 0.005 and val accuracy within one image of eight."""
+    data = write_image_folder(tmp_path / "data", n_train=8, n_val=4)
+    common = dict(data_dir=str(data), model_name="efficientnet_lite0", pretrained=True, img_size=64,
+                  freeze_ratio=1.0, epochs=2, batch_size=4)
+    one = make_config(artifacts_dir=str(tmp_path / "one"), **common)
+    two = make_config(artifacts_dir=str(tmp_path / "two"), distributed={"nproc_per_node": 2}, **common)
+    histories = []
+    for cfg in (one, two):
+        trainer.start_run(cfg, ["cat", "dog"], None, quiet)
+        run = launch_epoch if cfg.distributed.world_size > 1 else trainer.run_epoch
+        histories.append([run(cfg, e, quiet) for e in range(cfg.epochs)])
+    for single, parallel in zip(*histories, strict=True):
+        assert parallel["val_loss"] == pytest.approx(single["val_loss"], abs=0.02)
+        assert abs(parallel["val_acc"] - single["val_acc"]) <= 1 / 8 + 1e-9
+        assert parallel["train_batches"] == single["train_batches"]  # the same global batches
+
+
+def test_a_killed_rank_is_restarted_by_torchrun_from_the_checkpoint(make_config, tmp_path, monkeypatch):
+    cfg = make_config(epochs=2, distributed={"nproc_per_node": 2, "max_restarts": 1})
+    trainer.start_run(cfg, ["cat", "dog"], None, quiet)
+    lines: list[str] = []
+    monkeypatch.setenv("HARV_TRAIN_FAILPOINT", "train_batch:2")  # SIGKILL in the middle of epoch 1 ...
+    monkeypatch.setenv("HARV_TRAIN_FAILPOINT_RANK", "1")  # ... of rank 1 only
+    first = launch_epoch(cfg, 0, lines.append)
+    second = launch_epoch(cfg, 1, lines.append)
+    assert any("Signals.SIGKILL" in line or "exitcode: -9" in line for line in lines), "\n".join(lines[-30:])
+    assert [first["epoch"], second["epoch"]] == [1, 2]
+    assert ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.LAST)["epoch"] == 2
+
+
+def test_workers_that_keep_failing_fail_the_epoch_with_the_cause(make_config, tmp_path, monkeypatch):
+    cfg = make_config(epochs=1, distributed={"nproc_per_node": 2})
+    trainer.start_run(cfg, ["cat", "dog"], None, quiet)
+    monkeypatch.setenv("HARV_TRAIN_FAILPOINT", "train_batch:1:raise")
+    with pytest.raises(RuntimeError, match="torchrun exited with code 1 in epoch 1"):
+        launch_epoch(cfg, 0, quiet)
+    assert ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.LAST)["epoch"] == 0
+
+
+def test_one_node_rendezvouses_by_itself_and_many_use_the_endpoint(make_config, tmp_path):
+    single = torchrun_command(make_config(distributed={"nproc_per_node": 2}), tmp_path / "p.yaml", 0, "r")
+    assert "--standalone" in single and "--nproc_per_node=2" in single
+    multi = torchrun_command(
+        make_config(distributed={"nproc_per_node": 2, "nnodes": 2, "rdzv_endpoint": "10.0.0.5:29400"}),
+        tmp_path / "p.yaml", 3, "r",
+    )
+    assert {"--nnodes=2", "--rdzv_backend=c10d", "--rdzv_endpoint=10.0.0.5:29400", "--rdzv_id=r-epoch3"} <= set(multi)
+    assert os.path.basename(multi[0]).startswith("python")
