@@ -117,11 +117,14 @@ def train_one_epoch(
     total_loss = torch.zeros((), dtype=torch.float64)
     correct = 0
     seen = 0
-    batches = zip(data.batches_of(chunks, pipeline.num_workers), draws, mine)
-    for (images, labels), draw, rows in _progress(batches, len(chunks), "train", progress):
-        images = images.to(pipeline.device, non_blocking=True)
-        labels = labels.to(pipeline.device, non_blocking=True)
-        x = pipeline.to_input(apply_augmentation(images, draw.select(rows), pipeline.mean, pipeline.std))
+
+    def inputs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for (images, labels), draw, rows in zip(data.batches_of(chunks, pipeline.num_workers), draws, mine):
+            images = images.to(pipeline.device, non_blocking=True)
+            labels = labels.to(pipeline.device, non_blocking=True)
+            yield pipeline.to_input(apply_augmentation(images, draw.select(rows), pipeline.mean, pipeline.std)), labels
+
+    for x, labels in _progress(inputs(), len(chunks), "train", progress):
         with pipeline.autocast():
             logits = trainable(frozen_features(model, n_frozen, x))
             loss = criterion(logits, labels)
