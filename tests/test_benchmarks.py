@@ -1,0 +1,43 @@
+"""The benchmarks run (on tiny data): their numbers are for the README, never thresholds here."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from conftest import write_image_folder
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import bench_epoch  # noqa: E402
+import bench_overhead  # noqa: E402
+
+
+def test_epoch_benchmark_compares_plain_trainer_and_floor(tmp_path):
+    data = write_image_folder(tmp_path / "data", n_train=8, n_val=4)
+    summary = bench_epoch.main(["--data", str(data), "--img-size", "32", "--batch-size", "4",
+                                "--epochs", "1", "--workers", "0"])
+    assert summary["train_images"] == 16 and summary["val_images"] == 8
+    for key in ("plain_epoch_s", "ours_epoch_s", "floor_s", "speedup_vs_plain", "ours_vs_floor"):
+        assert summary[key] > 0, key
+    assert 0 <= summary["ours_final_val_acc"] <= 1 and 0 <= summary["plain_final_val_acc"] <= 1
+
+
+def test_benchmark_dataset_is_an_imagefolder_of_photo_crops(tmp_path):
+    from tasks.data import scan_dataset
+
+    bench_epoch.write_benchmark_dataset(tmp_path / "bench", n_train=4, n_val=2)
+    splits = scan_dataset(tmp_path / "bench")
+    assert splits["train"].counts() == {"ProfA": 2, "Room1": 2}
+
+
+def test_overhead_benchmark_splits_a_real_run_into_its_parts(capsys):
+    summary = bench_overhead.main(["--epochs", "2"])
+    assert set(summary["fixed_parts_s"]) == {
+        "start-up: imports, input checks", "Prefect temporary server start",
+        "flow start to end of epoch 1, minus the epoch's work",
+        "after the last epoch: final checkpoint, MLflow logging incl. the model",
+        "Prefect artifacts, server shutdown, exit",
+    }
+    assert summary["fixed_cost_s"] > 0 and summary["fixed_cost_with_running_server_s"] > 0
+    assert "Prefect + MLflow overhead per epoch" in capsys.readouterr().out
