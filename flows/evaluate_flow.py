@@ -27,6 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
 from tasks import post_training
+from tasks.cli import run_flow_command
 from tasks.config import TrainConfig
 from tasks.errors import UserError
 from tasks.evaluation import check_class_folders, default_out_dir, evaluate_checkpoint, load_trained_model
@@ -113,18 +114,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def start():
         # Check the inputs before Prefect starts: bad input costs no server start and shows no traceback.
         state, _ = load_trained_model(args.checkpoint)
         check_class_folders(Path(args.data), state["classes"])
-        flow_state = evaluate_flow(checkpoint=args.checkpoint, data=args.data, out=args.out, export=args.export,
-                                   export_dir=args.export_dir, latency_runs=args.latency_runs, return_state=True)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    if not flow_state.is_completed():
-        print(f"error: {flow_state.message}", file=sys.stderr)
-        return 1
+        return evaluate_flow(checkpoint=args.checkpoint, data=args.data, out=args.out, export=args.export,
+                             export_dir=args.export_dir, latency_runs=args.latency_runs, return_state=True)
+
+    code, flow_state = run_flow_command(start)
+    if code:
+        return code
     result = flow_state.result()
     evaluation = result["evaluation"]
     print(f"accuracy {evaluation['accuracy']:.4f}, macro F1 {evaluation['macro_f1']:.4f} on "

@@ -30,6 +30,7 @@ from prefect.states import Completed, Failed
 from flows.evaluate_flow import evaluate_and_export_task
 from tasks import checkpoints as ckpt
 from tasks import trainer
+from tasks.cli import run_flow_command
 from tasks.config import TrainConfig, load_config, parse_override, write_params_file
 from tasks.distributed import launch_epoch
 from tasks.errors import UserError
@@ -224,20 +225,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def start():
         overrides = dict(parse_override(item) for item in args.overrides)
         cfg = load_config(args.params, overrides)
         # Check the inputs before Prefect starts, so bad input costs no server start and shows no traceback.
         with artifacts_lock(cfg.artifacts_dir):
             trainer.check_inputs(cfg, args.resume, lambda m: print(f"[train] {m}"))
-            state = train_flow(params_file=args.params, overrides=overrides, resume=args.resume, return_state=True)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    if not state.is_completed():
-        print(f"error: {state.message}", file=sys.stderr)
-        return 1
-    return 0
+            return train_flow(params_file=args.params, overrides=overrides, resume=args.resume, return_state=True)
+
+    return run_flow_command(start)[0]
 
 
 if __name__ == "__main__":

@@ -15,6 +15,10 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
 os.environ.setdefault("HARV_TRAIN_DIST_TIMEOUT_S", "60")  # a stuck collective fails a test, not CI
 
+import contextlib
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -83,3 +87,19 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(artifacts_dir: str):
+    """Another process holding the artifacts_dir lock, as a running training does; yields its Popen."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from tasks.locking import artifacts_lock\n"
+         f"with artifacts_lock({artifacts_dir!r}):\n    print('locked', flush=True); time.sleep(60)"],
+        cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import lock_held_elsewhere
 from flows.train_flow import main
 from tasks import checkpoints as ckpt
 from tasks import trainer
@@ -102,18 +103,9 @@ def test_a_failed_run_never_loses_the_earlier_best_model(make_config, image_fold
 
 def test_a_second_run_on_the_same_artifacts_dir_is_refused(make_config, tmp_path, capsys):
     cfg = make_config()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from tasks.locking import artifacts_lock\n"
-         f"with artifacts_lock({cfg.artifacts_dir!r}):\n    print('locked', flush=True); time.sleep(60)"],
-        cwd=REPO, stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(cfg.artifacts_dir) as holder:
         code, err = _cli(cfg, tmp_path, capsys)
         _assert_one_line_error(code, err, f"is in use by a running training (pid {holder.pid})")
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_command_line_prints_no_traceback(tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import lock_held_elsewhere
 from flows.train_flow import train_flow
 from tasks import checkpoints as ckpt
 from tasks import trainer
@@ -137,33 +138,19 @@ def test_a_second_flow_run_on_the_same_artifacts_dir_refuses(make_config, tmp_pa
     cfg = make_config()
     params = tmp_path / "params.yaml"
     write_params_file(cfg, params)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import time; from tasks.locking import artifacts_lock\n"
-         f"with artifacts_lock({cfg.artifacts_dir!r}):\n    print('locked', flush=True); time.sleep(60)"],
-        cwd=REPO, stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(cfg.artifacts_dir):
         state = train_flow(params_file=str(params), return_state=True)
         assert state.is_failed() and "is in use by a running training" in state.message
         assert not cfg.checkpoints_dir.exists()
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_the_lock_is_released_when_its_holder_is_killed(make_config):
     cfg = make_config()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import time; from tasks.locking import artifacts_lock\n"
-         f"with artifacts_lock({cfg.artifacts_dir!r}):\n    print('locked', flush=True); time.sleep(60)"],
-        cwd=REPO, stdout=subprocess.PIPE, text=True,
-    )
-    assert holder.stdout.readline().strip() == "locked"
-    holder.kill()
-    holder.wait()
-    with artifacts_lock(cfg.artifacts_dir):
-        pass
+    with lock_held_elsewhere(cfg.artifacts_dir) as holder:
+        holder.kill()
+        holder.wait()
+        with artifacts_lock(cfg.artifacts_dir):
+            pass
 
 
 def test_artifacts_dir_that_cannot_be_created_is_a_clear_error(make_config, tmp_path):

@@ -1,0 +1,23 @@
+"""What every command line of the project does with a flow run's outcome."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+from tasks.errors import UserError
+
+
+def run_flow_command(start: Callable[[], Any]) -> tuple[int, Any]:
+    """Run `start` (input checks, then a flow called with return_state=True) and turn its outcome
+    into an exit code: 0 completed; 2 bad input, printed as one `error:` line with no traceback;
+    1 a failed flow run, its message printed the same way. Returns (exit code, final state or None)."""
+    try:
+        state = start()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code, None
+    if not state.is_completed():
+        print(f"error: {state.message}", file=sys.stderr)
+        return 1, state
+    return 0, state
