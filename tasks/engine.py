@@ -95,13 +95,15 @@ def train_one_epoch(
     progress: bool = True,
     world: World = SINGLE,
     trainable: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    prefix: nn.Module | None = None,
 ) -> EpochResult:
     """Shuffle, augment, forward, backward, step over every training image once.
 
     `batch_size` is the global batch. In a data-parallel run every rank draws the same order and the
     same augmentation for each global batch and takes every `world.size`-th sample of it, so the
     ranks together see exactly what one process would. `trainable` runs the network after the
-    frozen prefix (a DistributedDataParallel wrapper there); by default the model itself.
+    frozen prefix (a DistributedDataParallel wrapper there); by default the model itself. `prefix`
+    stands in for the frozen blocks (their BatchNorm-folded copy, see freezing.fused_frozen_prefix).
     """
     start = time.perf_counter()
     criterion = nn.CrossEntropyLoss()
@@ -126,7 +128,7 @@ def train_one_epoch(
 
     for x, labels in _progress(inputs(), len(chunks), "train", progress):
         with pipeline.autocast():
-            logits = trainable(frozen_features(model, n_frozen, x))
+            logits = trainable(frozen_features(model, n_frozen, x, prefix))
             loss = criterion(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -157,6 +159,7 @@ def frozen_feature_batches(
     batch_size: int,
     pipeline: Pipeline,
     world: World = SINGLE,
+    prefix: nn.Module | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(frozen-prefix output, labels) for this rank's share of the images, no augmentation.
 
@@ -168,7 +171,7 @@ def frozen_feature_batches(
         for images, labels in data.batches(order, batch_size, pipeline.num_workers):
             x = pipeline.to_input(normalize(images.to(pipeline.device), pipeline.mean, pipeline.std))
             with pipeline.autocast():
-                yield frozen_features(model, n_frozen, x), labels.to(pipeline.device)
+                yield frozen_features(model, n_frozen, x, prefix), labels.to(pipeline.device)
 
 
 def evaluate(

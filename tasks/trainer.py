@@ -25,7 +25,13 @@ from tasks.data import DecodedSplit, load_dataset
 from tasks.early_stopping import EarlyStopping
 from tasks.engine import SINGLE, Pipeline, World, evaluate, frozen_feature_batches, train_one_epoch
 from tasks.errors import CheckpointError, UserError
-from tasks.freezing import forward_from, freeze_early_blocks, frozen_block_count, trainable_parameters
+from tasks.freezing import (
+    forward_from,
+    freeze_early_blocks,
+    frozen_block_count,
+    fused_frozen_prefix,
+    trainable_parameters,
+)
 from tasks.models import build_architecture, build_model, format_parameter_counts, model_spec, resolve_weights_file
 from tasks.runtime import available_cores, configure_threads, epoch_seed, resolve_device, seed_everything
 
@@ -166,6 +172,7 @@ class _Session:
     def __init__(self, run_uid: str, model: nn.Module):
         self.run_uid = run_uid
         self.model = model
+        self.prefix: nn.Module | None = None  # the frozen blocks, BatchNorm folded (built once per run)
         self.val_features: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
@@ -236,6 +243,8 @@ def run_epoch(
     session = _session_for(cfg, state, pipeline)
     model, n_frozen = session.model, state["n_frozen"]
     model.load_state_dict(state["model"])
+    if session.prefix is None and n_frozen:
+        session.prefix = fused_frozen_prefix(model, n_frozen)
     optimizer = _optimizer(cfg, model)
     optimizer.load_state_dict(state["optimizer"])
     scheduler = _scheduler(cfg, optimizer)
@@ -257,11 +266,11 @@ def run_epoch(
         device_ids = [pipeline.device.index] if pipeline.device.type == "cuda" else None
         trainable = DistributedDataParallel(_TrainablePart(model, n_frozen), device_ids=device_ids)
     train = train_one_epoch(model, n_frozen, optimizer, splits["train"], cfg.batch_size, pipeline, generator,
-                            scaler, progress and world.rank == 0, world, trainable)
+                            scaler, progress and world.rank == 0, world, trainable, session.prefix)
 
     val_start = time.perf_counter()
     features = session.val_features or _collect_val_features(
-        session, frozen_feature_batches(model, n_frozen, splits["val"], cfg.batch_size, pipeline, world),
+        session, frozen_feature_batches(model, n_frozen, splits["val"], cfg.batch_size, pipeline, world, session.prefix),
         cfg.cache_max_mb,
     )
     val = evaluate(model, n_frozen, features, world)
