@@ -10,6 +10,7 @@ from tasks.freezing import (
     freeze_early_blocks,
     frozen_block_count,
     frozen_features,
+    fused_frozen_prefix,
     set_train_mode,
     trainable_parameters,
 )
@@ -74,3 +75,16 @@ def test_split_forward_equals_the_whole_model():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(forward_from(model, 9, frozen_features(model, 9, x)), model(x), atol=1e-5)
+
+
+def test_the_folded_frozen_prefix_computes_the_same_features():
+    model = build_architecture("efficientnet_lite0", 2).eval()
+    freeze_early_blocks(model, 6)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, as pretrained weights have
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2)
+    folded = fused_frozen_prefix(model, 6)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(frozen_features(model, 6, x, folded), frozen_features(model, 6, x), atol=1e-5)
