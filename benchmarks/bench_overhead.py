@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         "Prefect temporary server start": t["flow_begin"] - t["server_start"],
         "flow start to end of epoch 1, minus the epoch's work": one["epoch_done"][0] - t["flow_begin"]
         - one["epoch_work"][0],
-        "after the last epoch: final checkpoint, MLflow logging incl. the model": t["total"] - one["epoch_done"][0],
+        "after the last epoch: final checkpoint, MLflow logging incl. the model, evaluation": t["total"] - one["epoch_done"][0],
         "Prefect artifacts, server shutdown, exit": one["wall"] - t["total"],
     }
     summary = {

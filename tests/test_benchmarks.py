@@ -36,7 +36,7 @@ def test_overhead_benchmark_splits_a_real_run_into_its_parts(capsys):
     assert set(summary["fixed_parts_s"]) == {
         "start-up: imports, input checks", "Prefect temporary server start",
         "flow start to end of epoch 1, minus the epoch's work",
-        "after the last epoch: final checkpoint, MLflow logging incl. the model",
+        "after the last epoch: final checkpoint, MLflow logging incl. the model, evaluation",
         "Prefect artifacts, server shutdown, exit",
     }
     assert summary["fixed_cost_s"] > 0 and summary["fixed_cost_with_running_server_s"] > 0
