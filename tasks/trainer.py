@@ -173,6 +173,7 @@ class _Session:
         self.run_uid = run_uid
         self.model = model
         self.prefix: nn.Module | None = None  # the frozen blocks, BatchNorm folded (built once per run)
+        self.val_split: DecodedSplit | None = None  # the split val_features were computed from
         self.val_features: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
@@ -269,6 +270,8 @@ def run_epoch(
                             scaler, progress and world.rank == 0, world, trainable, session.prefix)
 
     val_start = time.perf_counter()
+    if session.val_split is not splits["val"]:  # the files changed since: their features too
+        session.val_split, session.val_features = splits["val"], None
     features = session.val_features or _collect_val_features(
         session, frozen_feature_batches(model, n_frozen, splits["val"], cfg.batch_size, pipeline, world, session.prefix),
         cfg.cache_max_mb,
