@@ -123,3 +123,12 @@ def test_bad_input_fails_the_flow_with_a_one_line_message(make_config, tmp_path)
     state = _run(cfg, tmp_path)
     assert state.is_failed()
     assert "does not exist: put images in" in state.message and "\n" not in state.message
+
+
+def test_skipped_images_are_counted_in_the_mlflow_run(make_config, image_folder, tmp_path):
+    (image_folder / "train" / "cat" / "zero-bytes.jpg").write_bytes(b"")
+    cfg = make_config(epochs=1, skip_bad_images=True)
+    state = _run(cfg, tmp_path)
+    assert state.is_completed(), state.message
+    _, run = _mlflow_run(cfg, state.result()["mlflow_run_id"])
+    assert run.data.metrics["skipped_images"] == 1 and run.data.metrics["train_images"] == 16
