@@ -113,14 +113,11 @@ def _finish_tracking(cfg: TrainConfig, tracker: MlflowTracker, summary: dict[str
         tracker.log_artifact(path, "checkpoints" if path.suffix == ".pth" else None)
     if tracker.run_id and not tracker.down:
         model_uri, failures = log_best_model_task(cfg, tracker.run_id)
-        tracker.failures += failures
-        tracker.down = tracker.down or bool(failures)
+        tracker.record_failures(failures)
         if model_uri:
             _log(f"Logged the best model to MLflow: {model_uri}")
         if model_uri and cfg.registered_model_name:
-            failures = register_model_task(cfg, tracker.run_id, model_uri, summary["best_val_acc"])
-            tracker.failures += failures
-            tracker.down = tracker.down or bool(failures)
+            tracker.record_failures(register_model_task(cfg, tracker.run_id, model_uri, summary["best_val_acc"]))
 
 
 def _tags() -> dict[str, str]:
@@ -180,8 +177,7 @@ def _train(cfg: TrainConfig, resume: bool):
     _finish_tracking(cfg, tracker, summary, params_copy)
     # Report, plots and export of best_model.pth, logged to the same MLflow run (when it is reachable).
     post = evaluate_and_export_task(cfg, None if tracker.down else tracker.run_id)
-    tracker.failures += post["tracking_failures"]
-    tracker.down = tracker.down or bool(post["tracking_failures"])
+    tracker.record_failures(post["tracking_failures"])
     best = trainer.checkpoint_path(cfg, ckpt.BEST)
     _log(f"Best model: val accuracy {summary['best_val_acc']:.4f} at epoch {summary['best_epoch']} -> {best}")
     _log(f"Final model: {trainer.checkpoint_path(cfg, ckpt.FINAL)}")

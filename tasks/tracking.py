@@ -56,6 +56,11 @@ class MlflowTracker:
                      "training goes on, checkpoints are written, logging is retried at the end of the run")
             return None
 
+    def record_failures(self, failures: list[str]) -> None:
+        """Take on what another tracker (in a task) could not log: this run is then behind too."""
+        self.failures += failures
+        self.down = self.down or bool(failures)
+
     def client(self):
         if self._client is None:
             from mlflow.tracking import MlflowClient
