@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -161,9 +162,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain loop")
     parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
                         help="ImageNet weights (default: yes for efficientnet_lite0, which has them offline)")
+    parser.add_argument("--keep", action="store_true", help="keep the working directory (data, runs) for a look")
     args = parser.parse_args(argv)
-
     work = Path(tempfile.mkdtemp(prefix="harv-bench-"))
+    try:
+        summary = _measure(args, work)
+    except BaseException:
+        print(f"kept {work} for a look", file=sys.stderr)
+        raise
+    if args.keep:
+        print(f"kept {work}")
+    else:  # hundreds of MB of data, checkpoints and runs per call
+        shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+def _measure(args: argparse.Namespace, work: Path) -> dict:
+
     data = Path(args.data) if args.data else write_benchmark_dataset(work / "data", args.train_images, args.val_images)
     pretrained = args.pretrained if args.pretrained is not None else args.model == "efficientnet_lite0"
     cfg = load_config(None, {

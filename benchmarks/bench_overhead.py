@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import os
 import re
 import signal
@@ -84,10 +85,24 @@ def per_epoch_overhead(run: dict) -> float:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=6, help="epochs of the long run (default 6)")
+    parser.add_argument("--keep", action="store_true", help="keep the working directory (data, runs) for a look")
     args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="harv-overhead-"))
+    try:
+        summary = _measure(args, work)
+    except BaseException:
+        print(f"kept {work} for a look", file=sys.stderr)
+        raise
+    if args.keep:
+        print(f"kept {work}")
+    else:  # hundreds of MB of data, checkpoints and runs per call
+        shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+def _measure(args: argparse.Namespace, work: Path) -> dict:
     from tasks.demo_data import write_demo_dataset
 
-    work = Path(tempfile.mkdtemp(prefix="harv-overhead-"))
     data = work / "data"
     write_demo_dataset(data)
     t0 = time.perf_counter()

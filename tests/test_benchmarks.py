@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 from conftest import write_image_folder
@@ -31,7 +32,8 @@ def test_benchmark_dataset_is_an_imagefolder_of_photo_crops(tmp_path):
     assert splits["train"].counts() == {"ProfA": 2, "Room1": 2}
 
 
-def test_overhead_benchmark_splits_a_real_run_into_its_parts(capsys):
+def test_overhead_benchmark_splits_a_real_run_into_its_parts(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     summary = bench_overhead.main(["--epochs", "2"])
     assert set(summary["fixed_parts_s"]) == {
         "start-up: imports, input checks", "Prefect temporary server start",
@@ -41,3 +43,16 @@ def test_overhead_benchmark_splits_a_real_run_into_its_parts(capsys):
     }
     assert summary["fixed_cost_s"] > 0 and summary["fixed_cost_with_running_server_s"] > 0
     assert "Prefect + MLflow overhead per epoch" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir()), "its working directory (data, runs, checkpoints) is removed"
+
+
+def test_epoch_benchmark_keeps_its_working_directory_only_when_asked(tmp_path, monkeypatch):
+    data = write_image_folder(tmp_path / "data", n_train=2, n_val=2)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    args = ["--data", str(data), "--img-size", "32", "--batch-size", "2", "--epochs", "1", "--workers", "0"]
+    bench_epoch.main(args)
+    assert not list(scratch.iterdir())
+    bench_epoch.main(args + ["--keep"])
+    assert len(list(scratch.iterdir())) == 1
