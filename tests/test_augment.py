@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-from tasks.augment import augment_batch, normalize
+from tasks.augment import apply_augmentation, augment_batch, draw_augmentation, normalize
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -18,6 +18,28 @@ def test_normalize_equals_totensor_and_normalize():
     x = _batch(4)
     reference = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])(x)
     assert torch.allclose(normalize(x, MEAN, STD), reference, atol=1e-6)
+
+
+def _torchvision_reference(image_uint8, flip, angle, factors, order, mean, std):
+    """One sample through torchvision's own functional ops, in the seed's order."""
+    x = v2.functional.to_dtype(image_uint8, torch.float32, scale=True)
+    if flip:
+        x = v2.functional.horizontal_flip(x)
+    x = v2.functional.rotate(x, angle, interpolation=v2.InterpolationMode.NEAREST)
+    jitter = (v2.functional.adjust_brightness, v2.functional.adjust_contrast, v2.functional.adjust_saturation)
+    for op in order:
+        x = jitter[op](x, factors[op])
+    return v2.functional.normalize(x, mean, std)
+
+
+def test_augmentation_equals_torchvision_per_sample_with_the_same_draws():
+    x = _batch(48, size=40, seed=1)
+    draws = draw_augmentation(len(x), torch.Generator().manual_seed(2))
+    out = apply_augmentation(x, draws, MEAN, STD)
+    for i in range(len(x)):
+        expected = _torchvision_reference(x[i], bool(draws.flip[i]), float(draws.angle[i]),
+                                          draws.factors[:, i].tolist(), draws.order[i].tolist(), MEAN, STD)
+        torch.testing.assert_close(out[i], expected, atol=2e-5, rtol=0, msg=f"sample {i}")
 
 
 def test_augmentation_is_fixed_by_the_generator_seed():
