@@ -10,7 +10,7 @@ seed, threads), alternating epoch by epoch so that a noisy neighbour slows all o
   `--workers` processes, Adam over the trainable parameters, `model.train()` on the whole model;
   validation with a DataLoader and resize + normalize.
 - ours: `tasks.trainer.run_epoch` as the flow runs it (checkpoint load and save included).
-- floor: forward + backward + Adam step of the same network as the trainer runs it (channels_last,
+- floor: forward + backward + Adam step (the trainer's fused Adam) of the same network as the trainer runs it (channels_last,
   frozen prefix outside autograd with its BatchNorm folded) over ready-made tensors, as many images
   as one training epoch: what no data pipeline can beat. The same without the folding is reported
   as the unfused floor (the network as the plain loop defines it, run outside autograd).
@@ -129,7 +129,7 @@ class ComputeFloor:
         freeze_early_blocks(self.model, self.n_frozen)
         self.model.to(memory_format=torch.channels_last)
         self.prefix = fused_frozen_prefix(self.model, self.n_frozen) if fused and self.n_frozen else None
-        self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr)
+        self.optimizer = trainer.build_optimizer(cfg, self.model)  # the trainer's own: same update, same kernel
         self.batches = [
             (torch.randn(min(cfg.batch_size, n_images - i), 3, cfg.img_size, cfg.img_size)
              .contiguous(memory_format=torch.channels_last),

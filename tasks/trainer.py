@@ -67,9 +67,18 @@ def _counts(split: DecodedSplit) -> dict[str, int]:
     return dict(zip(split.classes, counts))
 
 
-def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    # Only trainable parameters: Adam's weight decay would otherwise still shrink frozen weights.
-    return torch.optim.Adam(trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+def build_optimizer(cfg: TrainConfig, model: nn.Module, state: dict | None = None) -> torch.optim.Optimizer:
+    """Adam over the trainable parameters only (its weight decay would otherwise still shrink frozen
+    weights), in its fused implementation where the parameters' device has one: the same update, one
+    kernel over all weights instead of a loop per tensor (a quarter of the step time on CPU here)."""
+    params = trainable_parameters(model)
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    if state is not None:
+        # A loaded group would keep the implementation flag it was saved with; loading with this one
+        # also puts Adam's step counters where the fused kernel wants them.
+        optimizer.load_state_dict({**state, "param_groups": [{**g, "fused": fused} for g in state["param_groups"]]})
+    return optimizer
 
 
 def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
@@ -102,7 +111,7 @@ def start_run(cfg: TrainConfig, classes: list[str], mlflow_run_id: str | None, l
     log(f"Model: {cfg.model_name} ({'ImageNet-pretrained' if cfg.pretrained or cfg.weights_path else 'random init'}), "
         f"{n_frozen} of {len(model.features)} feature blocks frozen")
     log(format_parameter_counts(model))
-    optimizer = _optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model)
     spec = model_spec(cfg.model_name)
     state = {
         "model": model.state_dict(),
@@ -246,8 +255,7 @@ def run_epoch(
     model.load_state_dict(state["model"])
     if session.prefix is None and n_frozen:
         session.prefix = fused_frozen_prefix(model, n_frozen)
-    optimizer = _optimizer(cfg, model)
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer = build_optimizer(cfg, model, state["optimizer"])
     scheduler = _scheduler(cfg, optimizer)
     scheduler.load_state_dict(state["scheduler"])
     stopper = EarlyStopping(cfg.early_stopping_patience)

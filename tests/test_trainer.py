@@ -99,3 +99,18 @@ def test_early_stopping_ends_training(make_config):
     trainer.start_run(cfg, splits["train"].classes, None, quiet)
     stops = [trainer.run_epoch(cfg, e, quiet, progress=False)["stop"] for e in range(2)]
     assert stops == [False, True]
+
+
+def test_optimizer_resumes_as_fused_adam_with_the_checkpoints_moments(make_config):
+    """The fused kernel (same update, one pass over all weights) also for a state saved unfused."""
+    cfg = make_config()
+    model = torch.nn.Linear(3, 2)
+    unfused = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    model(torch.randn(4, 3)).sum().backward()
+    unfused.step()
+    optimizer = trainer.build_optimizer(cfg, model, unfused.state_dict())
+    assert all(group["fused"] for group in optimizer.param_groups)
+    moment = optimizer.state[model.weight]["exp_avg"].clone()
+    assert torch.equal(moment, unfused.state[model.weight]["exp_avg"])
+    optimizer.step()  # and it steps from there
+    assert not torch.equal(optimizer.state[model.weight]["exp_avg"], moment)
