@@ -175,8 +175,9 @@ def resume_run(cfg: TrainConfig, classes: list[str], log: Log = print) -> dict[s
 
 
 class _Session:
-    """What one process keeps between epochs of the same run: the model object and the frozen
-    features of the validation set. Weights always come from the checkpoint, never from here."""
+    """What one process keeps between epochs of the same run: the model object, the frozen features
+    of the validation set, and the state it last wrote to last.pth. Weights always come from
+    last.pth: from the file, or from memory while the file is still exactly what was written."""
 
     def __init__(self, run_uid: str, model: nn.Module):
         self.run_uid = run_uid
@@ -184,6 +185,29 @@ class _Session:
         self.prefix: nn.Module | None = None  # the frozen blocks, BatchNorm folded (built once per run)
         self.val_split: DecodedSplit | None = None  # the split val_features were computed from
         self.val_features: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._written: tuple[tuple[int, int, int], dict[str, Any]] | None = None
+
+    def wrote(self, path: Path, state: dict[str, Any]) -> None:
+        self._written = (_file_identity(path), state)
+
+    def take_written(self, path: Path) -> dict[str, Any] | None:
+        """The state last written to `path` if the file is still that write, once: its tensors are the
+        live weights and Adam moments, which the epoch about to start changes."""
+        written, self._written = self._written, None
+        return written[1] if written and written[0] == _file_identity(path) else None
+
+
+def _file_identity(path: Path) -> tuple[int, int, int]:
+    # Every checkpoint write is a new file renamed into place: a new inode and modification time.
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _load_last(path: Path) -> dict[str, Any]:
+    """last.pth's state; skips reading the whole file (about 0.04 s of each 2 s epoch here) when this
+    process wrote it and nothing has replaced it since."""
+    state = _session.take_written(path) if _session is not None and path.is_file() else None
+    return state if state is not None else ckpt.load_checkpoint(path)
 
 
 _session: _Session | None = None
@@ -242,7 +266,7 @@ def run_epoch(
     else:
         configure_threads(cfg.threads)
     last_path = checkpoint_path(cfg, ckpt.LAST)
-    state = ckpt.load_checkpoint(last_path)
+    state = _load_last(last_path)
     if state["epoch"] > epoch:
         return {**state["history"][epoch], "skipped": True}
     if state["epoch"] != epoch:
@@ -327,6 +351,7 @@ def run_epoch(
             ckpt.save_checkpoint(new_state, checkpoint_path(cfg, ckpt.BEST))
             log(f"New best model: val accuracy {val.acc:.4f} at epoch {epoch + 1} -> {checkpoint_path(cfg, ckpt.BEST)}")
         ckpt.save_checkpoint(new_state, last_path)
+        session.wrote(last_path, new_state)
     if stopper.should_stop:
         log(f"Early stopping: no better val accuracy for {cfg.early_stopping_patience} epochs")
     return {**metrics, "stop": stopper.should_stop}

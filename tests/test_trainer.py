@@ -53,6 +53,26 @@ def test_resume_in_a_fresh_process_state_equals_an_uninterrupted_run(make_config
     assert _comparable(rest) == _comparable(straight[1:])
 
 
+def test_an_epoch_trains_from_last_pth_as_it_is_on_disk_even_after_this_process_wrote_it(make_config, tmp_path):
+    """The process skips re-reading its own last write, but never past a file someone replaced."""
+    cfg = make_config(epochs=2)
+    _train(cfg, epochs=1)
+    last = cfg.checkpoints_dir / ckpt.LAST
+    state = ckpt.load_checkpoint(last)
+    # The trainable head only: frozen weights are the run's by definition (its folded prefix and
+    # cached validation features come from them).
+    state["model"] = {k: v * 0.5 if k.startswith("classifier") else v for k, v in state["model"].items()}
+    ckpt.save_checkpoint(state, last)
+    replaced = last.read_bytes()
+    this_process = trainer.run_epoch(cfg, 1, quiet, progress=False)
+    last.write_bytes(replaced)
+    trainer._session = None  # a new process: nothing but the file
+    fresh_process = trainer.run_epoch(cfg, 1, quiet, progress=False)
+    assert _comparable([this_process]) == _comparable([fresh_process])
+    untouched = _train(make_config(epochs=2, artifacts_dir=str(tmp_path / "untouched")))[1]
+    assert _comparable([untouched]) != _comparable([this_process])  # the replaced weights did count
+
+
 def test_an_epoch_already_in_the_checkpoint_is_not_trained_again(make_config):
     cfg = make_config(epochs=1)
     first = _train(cfg)[0]
