@@ -34,7 +34,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 MARKERS = {
-    "server_start": "Starting temporary server",
     "flow_begin": "Beginning flow run",
     "total": "[train] Total time",
 }
@@ -119,12 +118,11 @@ def _measure(args: argparse.Namespace, work: Path) -> dict:
 
     t = one["times"]
     parts = {
-        "start-up: imports, input checks": t["server_start"],
-        "Prefect temporary server start": t["flow_begin"] - t["server_start"],
+        "start-up: imports, input checks (Prefect's temporary server boots meanwhile)": t["flow_begin"],
         "flow start to end of epoch 1, minus the epoch's work": one["epoch_done"][0] - t["flow_begin"]
         - one["epoch_work"][0],
         "after the last epoch: final checkpoint, MLflow logging incl. the model, evaluation": t["total"] - one["epoch_done"][0],
-        "Prefect artifacts, server shutdown, exit": one["wall"] - t["total"],
+        "Prefect artifacts, end of the flow run, exit": one["wall"] - t["total"],
     }
     summary = {
         "import_flow_module_s": round(import_s, 2),

@@ -22,6 +22,13 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 if __package__ in (None, ""):  # run as a script: make `tasks` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+if __name__ == "__main__":  # first: Prefect's temporary server boots while the imports below run
+    from tasks.cli import ExitWithoutTeardown
+    from tasks.prefect_boot import start_early_server
+
+    _exit = ExitWithoutTeardown()
+    _early_server = start_early_server()
+
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -35,6 +42,7 @@ from tasks.config import TrainConfig, load_config, parse_override, write_params_
 from tasks.distributed import launch_epoch
 from tasks.errors import UserError
 from tasks.locking import artifacts_lock
+from tasks.prefect_boot import EarlyServer, flow_server
 from tasks.runtime import configure_threads, resolve_device
 from tasks.reporting import epochs_markdown
 from tasks.tracking import MlflowTracker
@@ -219,7 +227,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, early_server: EarlyServer | None = None) -> int:
     args = parse_args(argv)
 
     def start():
@@ -228,10 +236,12 @@ def main(argv: list[str] | None = None) -> int:
         # Check the inputs before Prefect starts, so bad input costs no server start and shows no traceback.
         with artifacts_lock(cfg.artifacts_dir):
             trainer.check_inputs(cfg, args.resume, lambda m: print(f"[train] {m}"))
-            return train_flow(params_file=args.params, overrides=overrides, resume=args.resume, return_state=True)
+            with flow_server(early_server):
+                return train_flow(params_file=args.params, overrides=overrides, resume=args.resume, return_state=True)
 
     return run_flow_command(start)[0]
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    _exit.code = main(early_server=_early_server)
+    raise SystemExit(_exit.code)

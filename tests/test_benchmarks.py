@@ -36,10 +36,10 @@ def test_overhead_benchmark_splits_a_real_run_into_its_parts(capsys, tmp_path, m
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     summary = bench_overhead.main(["--epochs", "2"])
     assert set(summary["fixed_parts_s"]) == {
-        "start-up: imports, input checks", "Prefect temporary server start",
+        "start-up: imports, input checks (Prefect's temporary server boots meanwhile)",
         "flow start to end of epoch 1, minus the epoch's work",
         "after the last epoch: final checkpoint, MLflow logging incl. the model, evaluation",
-        "Prefect artifacts, server shutdown, exit",
+        "Prefect artifacts, end of the flow run, exit",
     }
     assert summary["fixed_cost_s"] > 0 and summary["fixed_cost_with_running_server_s"] > 0
     assert "Prefect + MLflow overhead per epoch" in capsys.readouterr().out
