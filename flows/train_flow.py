@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None, early_server: EarlyServer | None = None)
     def start():
         overrides = dict(parse_override(item) for item in args.overrides)
         cfg = load_config(args.params, overrides)
-        # Check the inputs before Prefect starts, so bad input costs no server start and shows no traceback.
+        # Check the inputs before the flow begins: bad input shows one line, no traceback, and no flow run.
         with artifacts_lock(cfg.artifacts_dir):
             trainer.check_inputs(cfg, args.resume, lambda m: print(f"[train] {m}"))
             with flow_server(early_server):
@@ -243,5 +243,9 @@ def main(argv: list[str] | None = None, early_server: EarlyServer | None = None)
 
 
 if __name__ == "__main__":
-    _exit.code = main(early_server=_early_server)
+    try:
+        _exit.code = main(early_server=_early_server)
+    except KeyboardInterrupt:
+        _exit.code = 130  # what a shell expects of Ctrl-C
+        raise
     raise SystemExit(_exit.code)

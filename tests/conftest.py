@@ -80,6 +80,12 @@ def make_config(tmp_path: Path, image_folder: Path):
     return make
 
 
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    shutil.rmtree(_PREFECT_HOME, ignore_errors=True)  # the tests' Prefect databases and logs
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """One real, temporary Prefect server (SQLite) for every test that runs a flow."""
