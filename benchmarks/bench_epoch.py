@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,6 +46,8 @@ from tasks.freezing import (  # noqa: E402
 )
 from tasks.models import build_model, model_spec  # noqa: E402
 from tasks.runtime import configure_threads  # noqa: E402
+
+from bench_workdir import bench_workdir  # noqa: E402
 
 
 def write_benchmark_dataset(root: Path, n_train: int, n_val: int, seed: int = 0) -> Path:
@@ -164,21 +164,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="ImageNet weights (default: yes for efficientnet_lite0, which has them offline)")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (data, runs) for a look")
     args = parser.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="harv-bench-"))
-    try:
-        summary = _measure(args, work)
-    except BaseException:
-        print(f"kept {work} for a look", file=sys.stderr)
-        raise
-    if args.keep:
-        print(f"kept {work}")
-    else:  # hundreds of MB of data, checkpoints and runs per call
-        shutil.rmtree(work, ignore_errors=True)
-    return summary
+    with bench_workdir("harv-bench-", args.keep) as work:
+        return _measure(args, work)
 
 
 def _measure(args: argparse.Namespace, work: Path) -> dict:
-
     data = Path(args.data) if args.data else write_benchmark_dataset(work / "data", args.train_images, args.val_images)
     pretrained = args.pretrained if args.pretrained is not None else args.model == "efficientnet_lite0"
     cfg = load_config(None, {

@@ -18,20 +18,19 @@ Prints a table and one JSON line.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import shutil
 import os
 import re
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench_workdir import bench_workdir  # noqa: E402
+from tests.servers import prefect_server  # noqa: E402  the tests' real-server helper
 
 MARKERS = {
     "flow_begin": "Beginning flow run",
@@ -86,17 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=6, help="epochs of the long run (default 6)")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (data, runs) for a look")
     args = parser.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="harv-overhead-"))
-    try:
-        summary = _measure(args, work)
-    except BaseException:
-        print(f"kept {work} for a look", file=sys.stderr)
-        raise
-    if args.keep:
-        print(f"kept {work}")
-    else:  # hundreds of MB of data, checkpoints and runs per call
-        shutil.rmtree(work, ignore_errors=True)
-    return summary
+    with bench_workdir("harv-overhead-", args.keep) as work:
+        return _measure(args, work)
 
 
 def _measure(args: argparse.Namespace, work: Path) -> dict:
@@ -113,7 +103,7 @@ def _measure(args: argparse.Namespace, work: Path) -> dict:
     many = run_cli(work, data, args.epochs, False, "many")
     one = run_cli(work, data, 1, False, "one")
     exported = run_cli(work, data, 1, True, "export")
-    with _prefect_server(work) as api_url:
+    with prefect_server(work / "prefect-server-home") as api_url:  # as `make server` runs it
         served = run_cli(work, data, 1, False, "served", api_url)
 
     t = one["times"]
@@ -144,39 +134,6 @@ def _measure(args: argparse.Namespace, work: Path) -> dict:
     print(f"Prefect + MLflow overhead per epoch: {summary['per_epoch_overhead_s']:.3f}s")
     print(json.dumps(summary))
     return summary
-
-
-@contextlib.contextmanager
-def _prefect_server(work: Path):
-    """`prefect server start` on a free loopback port, as `make server` runs it."""
-    import socket
-    import urllib.request
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    api_url = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(work / "prefect-server-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    log = open(work / "prefect-server.log", "wb")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port), "--no-scheduler"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"prefect server did not start: see {work / 'prefect-server.log'}")
-            try:
-                with urllib.request.urlopen(f"{api_url}/health", timeout=5):
-                    break
-            except OSError:
-                time.sleep(0.5)
-        yield api_url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-        log.close()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ from typing import Iterator
 _STARTUP_TIMEOUT_S = 60.0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port nothing listens on now (a server started on it may still find it taken)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -50,7 +51,7 @@ class EarlyServer:
         spec = importlib.util.find_spec("prefect")
         if spec is None or not spec.submodule_search_locations:
             raise RuntimeError("prefect is not installed")
-        self.port = _free_port()
+        self.port = free_port()
         self.address = f"http://127.0.0.1:{self.port}"
         self.api_url = f"{self.address}/api"
         self.log_path = Path(tempfile.gettempdir()) / f"harv-train-prefect-server-{os.getpid()}.log"

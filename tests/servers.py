@@ -1,4 +1,4 @@
-"""Real servers for tests: started on a free loopback port in their own process group, waited for
+"""Real servers for tests (and benchmarks/bench_overhead.py): started on a free loopback port in their own process group, waited for
 with a bounded health poll, and always stopped (the whole group: `mlflow server` forks uvicorn and a
 job runner). A server that cannot start fails the test with its command, port and last log lines."""
 
@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, NamedTuple
+
+from tasks.prefect_boot import free_port  # noqa: F401  one free-port picker for the project
 
 BIN = Path(sys.executable).parent  # the venv's console scripts: prefect, mlflow
 
@@ -26,12 +27,6 @@ class ServerStartError(RuntimeError):
 class Server(NamedTuple):
     url: str
     proc: subprocess.Popen
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _tail(path: Path, lines: int = 15) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,17 +17,12 @@ from tasks import trainer
 from tasks.config import write_params_file
 from tasks.errors import UserError
 from tasks.locking import artifacts_lock
+from tests.servers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli(params: Path, *args: str, failpoint: str | None = None) -> subprocess.CompletedProcess:
@@ -92,7 +86,7 @@ def test_an_io_error_in_an_epoch_is_retried_from_the_checkpoint(make_config, tmp
 
 
 def test_mlflow_unreachable_training_goes_on_and_the_run_fails_visibly(make_config, tmp_path):
-    cfg = make_config(epochs=2, mlflow_tracking_uri=f"http://127.0.0.1:{_free_port()}")
+    cfg = make_config(epochs=2, mlflow_tracking_uri=f"http://127.0.0.1:{free_port()}")
     params = tmp_path / "params.yaml"
     write_params_file(cfg, params)
     state = train_flow(params_file=str(params), return_state=True)
