@@ -18,6 +18,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import tempfile
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
@@ -28,10 +29,10 @@ from tasks.config import TrainConfig, load_config, write_params_file
 REPO = Path(__file__).resolve().parent.parent
 
 
-def torchrun_command(cfg: TrainConfig, params_file: Path, epoch: int, run_id: str) -> list[str]:
+def torchrun_command(cfg: TrainConfig, params_file: Path, epoch: int, run_id: str, log_dir: str) -> list[str]:
     d = cfg.distributed
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={d.nproc_per_node}",
-           f"--max_restarts={d.max_restarts}"]
+           f"--max_restarts={d.max_restarts}", f"--log-dir={log_dir}"]
     if d.nnodes == 1:
         cmd.append("--standalone")  # a free local port for the rendezvous: no clash between runs
     else:
@@ -45,17 +46,20 @@ def launch_epoch(cfg: TrainConfig, epoch: int, log: Callable[[str], None] = prin
     params_file = cfg.checkpoints_dir / "torchrun-params.yaml"
     write_params_file(cfg, params_file)
     run_id = ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.LAST)["run_uid"]
-    cmd = torchrun_command(cfg, params_file, epoch, run_id)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env.setdefault("OMP_NUM_THREADS", "1")  # workers set their own thread count; silences torchrun's notice
-    log(f"Launching {cfg.distributed.world_size} processes: {' '.join(cmd[1:])}")
-    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, bufsize=1) as proc:
-        tail: list[str] = []
-        for line in proc.stdout:
-            line = line.rstrip()
-            tail = (tail + [line])[-20:]
-            log(line)
+    # torchrun's per-attempt directories (empty: worker output comes through the pipe) would otherwise
+    # be left in /tmp, one set per epoch.
+    with tempfile.TemporaryDirectory(prefix="harv-train-torchrun-") as log_dir:
+        cmd = torchrun_command(cfg, params_file, epoch, run_id, log_dir)
+        log(f"Launching {cfg.distributed.world_size} processes: {' '.join(cmd[1:])}")
+        with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, bufsize=1) as proc:
+            tail: list[str] = []
+            for line in proc.stdout:
+                line = line.rstrip()
+                tail = (tail + [line])[-20:]
+                log(line)
     if proc.returncode != 0:
         errors = [t for t in tail if "Error" in t or "error" in t] or tail[-1:]
         raise RuntimeError(

@@ -22,7 +22,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -54,18 +53,17 @@ class EarlyServer:
         self.port = free_port()
         self.address = f"http://127.0.0.1:{self.port}"
         self.api_url = f"{self.address}/api"
-        self.log_path = Path(tempfile.gettempdir()) / f"harv-train-prefect-server-{os.getpid()}.log"
         app_dir = str(Path(spec.submodule_search_locations[0]).parent)
         # Prefect's own command for its temporary server (prefect.server.api.server.SubprocessASGIServer).
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory",
-                 "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--log-level", "error", "--lifespan", "on"],
-                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-            )
+        # Its errors reach the console as those of Prefect's own temporary server do (stderr inherited).
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+             "--log-level", "error", "--lifespan", "on"],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
         atexit.register(self.stop)
 
     def wait_until_up(self) -> bool:
@@ -83,8 +81,6 @@ class EarlyServer:
         """Ask the server to stop; it finishes its graceful shutdown without this process waiting."""
         if self.process.poll() is None:
             self.process.terminate()
-        with contextlib.suppress(OSError):
-            self.log_path.unlink()  # the server may still write to it: it keeps the open file
 
 
 def start_early_server() -> EarlyServer | None:

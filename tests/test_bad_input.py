@@ -56,7 +56,7 @@ def test_truncated_jpeg_is_named(image_folder):
 
 
 def test_a_class_with_a_single_image_trains(make_config, tmp_path):
-    from conftest import write_image_folder
+    from tests.images import write_image_folder
 
     data = write_image_folder(tmp_path / "single", n_train=1, n_val=1)
     cfg = make_config(data_dir=str(data), epochs=1, batch_size=16)

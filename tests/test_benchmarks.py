@@ -6,7 +6,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from conftest import write_image_folder
+from tests.images import write_image_folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 

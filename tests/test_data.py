@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_image_folder
 from tasks.data import decode_image, decode_split, load_dataset, scan_dataset
 from tasks.errors import DataError
+from tests.images import write_image_folder
 
 
 def test_classes_come_from_the_folders_in_sorted_order(image_folder):

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import SyncPrefectClient
 
 from tasks import checkpoints as ckpt
-from tests.conftest import write_image_folder
+from tests.images import write_image_folder
 from tests.servers import BIN, prefect_env, prefect_server
 
 REPO = Path(__file__).resolve().parent.parent

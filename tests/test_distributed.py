@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import write_image_folder
 from flows.train_flow import train_flow
 from tasks import checkpoints as ckpt
 from tasks import trainer
@@ -16,6 +16,7 @@ from tasks.config import write_params_file
 from tasks.distributed import launch_epoch, torchrun_command
 from tasks.engine import Pipeline, evaluate, frozen_feature_batches
 from tasks.models import model_spec
+from tests.images import write_image_folder
 
 quiet = lambda _: None  # noqa: E731
 
@@ -95,11 +96,22 @@ def test_workers_that_keep_failing_fail_the_epoch_with_the_cause(make_config, tm
 
 
 def test_one_node_rendezvouses_by_itself_and_many_use_the_endpoint(make_config, tmp_path):
-    single = torchrun_command(make_config(distributed={"nproc_per_node": 2}), tmp_path / "p.yaml", 0, "r")
+    single = torchrun_command(make_config(distributed={"nproc_per_node": 2}), tmp_path / "p.yaml", 0, "r", "logs")
     assert "--standalone" in single and "--nproc_per_node=2" in single
     multi = torchrun_command(
         make_config(distributed={"nproc_per_node": 2, "nnodes": 2, "rdzv_endpoint": "10.0.0.5:29400"}),
-        tmp_path / "p.yaml", 3, "r",
+        tmp_path / "p.yaml", 3, "r", "logs",
     )
     assert {"--nnodes=2", "--rdzv_backend=c10d", "--rdzv_endpoint=10.0.0.5:29400", "--rdzv_id=r-epoch3"} <= set(multi)
     assert os.path.basename(multi[0]).startswith("python")
+
+
+def test_an_epoch_leaves_nothing_in_the_temporary_directory(make_config, tmp_path, monkeypatch):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))  # torchrun and its workers
+    monkeypatch.setattr(tempfile, "tempdir", None)  # this process: read TMPDIR again
+    cfg = make_config(epochs=1, distributed={"nproc_per_node": 2})
+    trainer.start_run(cfg, ["cat", "dog"], None, quiet)
+    launch_epoch(cfg, 0, quiet)
+    assert sorted(p.name for p in scratch.iterdir()) == []

@@ -56,7 +56,7 @@ def test_logged_model_loads_and_predicts(make_config, tmp_path):
     client, run = _mlflow_run(cfg, state.result()["mlflow_run_id"])
     [logged] = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     mlflow.set_tracking_uri(cfg.mlflow_tracking_uri)
-    model = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
+    model = mlflow.pytorch.load_model(f"models:/{logged.model_id}", dst_path=str(tmp_path / "download"))
     with torch.no_grad():
         out = model(torch.from_numpy(np.zeros((2, 3, 32, 32), dtype=np.float32)))
     assert out.shape == (2, 2)

@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import write_image_folder
 from tasks.prefect_boot import start_early_server
+from tests.images import write_image_folder
 
 REPO = Path(__file__).resolve().parent.parent
 

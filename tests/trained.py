@@ -10,7 +10,7 @@ from pathlib import Path
 from tasks import checkpoints as ckpt
 from tasks import trainer
 from tasks.config import TrainConfig, load_config
-from tests.conftest import write_image_folder
+from tests.images import write_image_folder
 
 
 def train_tiny(root: Path, classes: tuple[str, ...] = ("cat", "dog"), epochs: int = 1) -> tuple[TrainConfig, Path]:

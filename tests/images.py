@@ -1,0 +1,31 @@
+"""Tiny learnable ImageFolder trees for the tests (a plain module: conftest is pytest's alone;
+importing it a second time as tests.conftest made a second Prefect home that nobody removed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def write_image_folder(
+    root: Path,
+    classes: tuple[str, ...] = ("cat", "dog"),
+    n_train: int = 8,
+    n_val: int = 4,
+    size: int = 40,
+    seed: int = 0,
+) -> Path:
+    """A learnable dataset: each class has its own dominant colour, plus noise."""
+    rng = np.random.default_rng(seed)
+    palette = np.array([[200, 40, 40], [40, 40, 200], [40, 180, 40], [180, 180, 40]])
+    for split, n in (("train", n_train), ("val", n_val)):
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                noise = rng.integers(-40, 40, size=(size, size, 3))
+                pixels = np.clip(palette[label % len(palette)] + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{name}_{i}.png")
+    return root
