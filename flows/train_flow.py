@@ -91,7 +91,9 @@ def log_best_model_task(cfg: TrainConfig, mlflow_run_id: str) -> tuple[str | Non
     tracker.run_id = mlflow_run_id
     state = ckpt.load_checkpoint(trainer.checkpoint_path(cfg, ckpt.BEST))
     model = trainer.load_model_from_checkpoint(state)
-    return tracker.log_model(model, trainer.input_example(state)), tracker.failures
+    # The checkpoint's epoch names it within the run: a resume that found no better model logs none.
+    tags = {"harv_train.best_epoch": str(state["epoch"])}
+    return tracker.log_model(model, trainer.input_example(state), tags), tracker.failures
 
 
 @task(name="register-model", cache_policy=NO_CACHE)
@@ -159,7 +161,8 @@ def _train(cfg: TrainConfig, resume: bool):
     previous_run = trainer.previous_mlflow_run_id(cfg) if resume else None
     tracker.start(previous_run, runtime.flow_run.name, _tags())
     if tracker.run_id:
-        tracker.set_tags(_tags())
+        if previous_run:
+            tracker.set_tags(_tags())  # the run now continues under this flow run
         tracker.log_params(cfg.flat_dict())
         tracker.log_metrics({"train_images": data["train_images"], "val_images": data["val_images"],
                              "skipped_images": len(data["skipped_images"])}, "logging dataset size")

@@ -92,28 +92,56 @@ def should_promote(val_acc: float, champion_val_acc: float | None, has_champion:
     return champion_val_acc is not None and val_acc > champion_val_acc
 
 
+def registered_version(client, name: str, model_uri: str):
+    """The version of `name` registered from `model_uri`, or None."""
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if version.source == model_uri:
+            return version
+    return None
+
+
+def _tag_or_none(tags: dict[str, str], key: str) -> str | None:
+    value = tags.get(key, "none")
+    return None if value == "none" else value
+
+
 def register_and_promote(
     client, name: str, model_uri: str, run_id: str, val_acc: float, alias: str = CHAMPION
 ) -> Registration:
     """Register `model_uri` (logged by run `run_id`) as a new version of `name`; move `alias` to it
-    when `val_acc` beats the current holder's. Records both accuracies on the run and the version."""
+    when `val_acc` beats the current holder's. Records both accuracies on the run and the version.
+
+    Safe to repeat (a resumed run): a model registered before is not registered again, and a
+    decision is made once. Its inputs are tagged on the version before the alias moves and
+    `promoted` is tagged last, so a run killed in between finishes the same decision."""
     from mlflow.entities import Metric, RunTag
 
     ensure_registered_model(client, name)
-    previous = current_champion(client, name, alias)
-    previous_acc = version_val_acc(client, previous) if previous is not None else None
-    version = client.create_model_version(
-        name, source=model_uri, run_id=run_id, model_id=_model_id(model_uri),
-        tags={VAL_ACC_TAG: repr(float(val_acc))},
-    )
-    promoted = should_promote(val_acc, previous_acc, previous is not None)
-    version_tags = {
-        "promoted": str(promoted).lower(),
-        f"{alias}_val_acc_before": "none" if previous_acc is None else repr(previous_acc),
-        f"{alias}_version_before": "none" if previous is None else str(previous.version),
-    }
-    for key, value in version_tags.items():
-        client.set_model_version_tag(name, version.version, key, value)
+    version = registered_version(client, name, model_uri)
+    if version is None:
+        version = client.create_model_version(
+            name, source=model_uri, run_id=run_id, model_id=_model_id(model_uri),
+            tags={VAL_ACC_TAG: repr(float(val_acc))},
+        )
+    before_key, acc_before_key = f"{alias}_version_before", f"{alias}_val_acc_before"
+    if "promoted" in version.tags:  # decided before: read back, move nothing (the alias may have moved on since)
+        acc = _tag_or_none(version.tags, acc_before_key)
+        return Registration(name=name, version=str(version.version), val_acc=float(val_acc),
+                            previous_version=_tag_or_none(version.tags, before_key),
+                            previous_val_acc=None if acc is None else float(acc),
+                            promoted=version.tags["promoted"] == "true")
+    if before_key in version.tags:
+        previous_version = _tag_or_none(version.tags, before_key)
+        acc = _tag_or_none(version.tags, acc_before_key)
+        previous_acc = None if acc is None else float(acc)
+    else:
+        previous = current_champion(client, name, alias)
+        previous_version = None if previous is None else str(previous.version)
+        previous_acc = version_val_acc(client, previous) if previous is not None else None
+        client.set_model_version_tag(name, version.version, acc_before_key,
+                                     "none" if previous_acc is None else repr(previous_acc))
+        client.set_model_version_tag(name, version.version, before_key, previous_version or "none")
+    promoted = should_promote(val_acc, previous_acc, previous_version is not None)
     if promoted:
         client.set_registered_model_alias(name, alias, version.version)
 
@@ -121,18 +149,21 @@ def register_and_promote(
     metrics = [Metric(CANDIDATE_METRIC, float(val_acc), now, 0)]
     if previous_acc is not None:
         metrics.append(Metric(CHAMPION_METRIC, previous_acc, now, 0))
+    held = client.get_run(run_id).data.metrics
     run_tags = {
         "registry.model": name,
         "registry.version": str(version.version),
         "registry.promoted": str(promoted).lower(),
-        f"registry.{alias}_version_before": version_tags[f"{alias}_version_before"],
+        f"registry.{before_key}": previous_version or "none",
     }
-    client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in run_tags.items()])
+    client.log_batch(run_id, metrics=[m for m in metrics if held.get(m.key) != m.value],
+                     tags=[RunTag(k, v) for k, v in run_tags.items()])
+    client.set_model_version_tag(name, version.version, "promoted", str(promoted).lower())
     return Registration(
         name=name,
         version=str(version.version),
         val_acc=float(val_acc),
-        previous_version=None if previous is None else str(previous.version),
+        previous_version=previous_version,
         previous_val_acc=previous_acc,
         promoted=promoted,
     )
@@ -144,6 +175,7 @@ __all__ = [
     "current_champion",
     "ensure_registered_model",
     "register_and_promote",
+    "registered_version",
     "should_promote",
     "version_val_acc",
 ]

@@ -126,8 +126,12 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         def _log() -> None:
+            # A resumed run logs its summary again: values it already holds are not logged twice.
+            held = self.client().get_run(self.run_id).data.metrics
             now = int(time.time() * 1000)
-            self.client().log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+            fresh = [Metric(k, float(v), now, 0) for k, v in metrics.items() if held.get(k) != float(v)]
+            if fresh:
+                self.client().log_batch(self.run_id, metrics=fresh)
 
         if self.run_id:
             self._attempt(what, _log)
@@ -144,8 +148,21 @@ class MlflowTracker:
             self._attempt(f"uploading {Path(path).name}", lambda: self.client().log_artifact(
                 self.run_id, str(path), artifact_path))
 
-    def log_model(self, model, input_example: np.ndarray, name: str = "model") -> str | None:
-        """Log the model in MLflow's pytorch flavor; returns its models:/ URI."""
+    def logged_model(self, tags: dict[str, str]) -> str | None:
+        """The models:/ URI of a complete model this run already logged with these tags, if any."""
+        from mlflow.entities import LoggedModelStatus
+
+        experiment_id = self.client().get_run(self.run_id).info.experiment_id
+        for model in self.client().search_logged_models(
+            experiment_ids=[experiment_id], filter_string=f"source_run_id = '{self.run_id}'"
+        ):
+            if model.status == LoggedModelStatus.READY and all(model.tags.get(k) == v for k, v in tags.items()):
+                return model.model_uri
+        return None
+
+    def log_model(self, model, input_example: np.ndarray, tags: dict[str, str], name: str = "model") -> str | None:
+        """Log the model in MLflow's pytorch flavor; returns its models:/ URI. A model this run
+        already holds with the same `tags` (a resumed run, the same best checkpoint) is not logged again."""
 
         def _log() -> str:
             import mlflow
@@ -153,6 +170,9 @@ class MlflowTracker:
             import torch
             import torchvision
 
+            logged = self.logged_model(tags)
+            if logged:
+                return logged
             mlflow.set_tracking_uri(self.tracking_uri)
             with mlflow.start_run(run_id=self.run_id):
                 info = mlflow.pytorch.log_model(
@@ -167,6 +187,7 @@ class MlflowTracker:
                     ],
                     # Loads back as the same nn.Module; pt2 would give a torch.export GraphModule.
                     serialization_format="pickle",
+                    tags=tags,
                 )
             return info.model_uri
 

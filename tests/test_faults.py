@@ -45,7 +45,7 @@ def _reference_history(cfg):
 
 @pytest.mark.parametrize(
     "failpoint",
-    ["train_batch:6", "checkpoint_write:3", "mlflow_log:6"],
+    ["train_batch:6", "checkpoint_write:3", "mlflow_log:5"],
     ids=["during-an-epoch", "during-a-checkpoint-write", "during-mlflow-logging"],
 )
 def test_kill_9_then_resume_equals_an_uninterrupted_run(make_config, tmp_path, failpoint):
@@ -101,8 +101,9 @@ def test_a_tracking_blip_mid_run_is_caught_up_at_the_end(make_config, tmp_path):
     cfg = make_config(epochs=3)
     params = tmp_path / "params.yaml"
     write_params_file(cfg, params)
-    # The 5th MLflow call (epoch 1's metrics) fails once: later calls wait for the end of the run.
-    result = _cli(params, failpoint="mlflow_log:5:raise")
+    # The 4th MLflow call (epoch 1's metrics, after opening the run, its params and the dataset size)
+    # fails once: later calls wait for the end of the run.
+    result = _cli(params, failpoint="mlflow_log:4:raise")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "failed while logging epoch 1" in result.stdout + result.stderr
     assert "everything missed was logged at the end" in result.stdout + result.stderr
@@ -115,7 +116,7 @@ def test_tracking_down_until_the_end_fails_the_run_and_resume_catches_up(make_co
     cfg = make_config(epochs=3)
     params = tmp_path / "params.yaml"
     write_params_file(cfg, params)
-    failed = _cli(params, failpoint="mlflow_log:5+:raise")
+    failed = _cli(params, failpoint="mlflow_log:4+:raise")
     assert failed.returncode == 1
     assert "MLflow logging failed" in failed.stderr and "rerun with --resume" in failed.stderr
     run_id = ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.FINAL)["mlflow_run_id"]

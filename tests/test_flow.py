@@ -56,7 +56,7 @@ def test_logged_model_loads_and_predicts(make_config, tmp_path):
     client, run = _mlflow_run(cfg, state.result()["mlflow_run_id"])
     [logged] = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     mlflow.set_tracking_uri(cfg.mlflow_tracking_uri)
-    model = mlflow.pytorch.load_model(f"models:/{logged.model_id}", dst_path=str(tmp_path / "download"))
+    model = mlflow.pytorch.load_model(f"models:/{logged.model_id}", dst_path=str(tmp_path))
     with torch.no_grad():
         out = model(torch.from_numpy(np.zeros((2, 3, 32, 32), dtype=np.float32)))
     assert out.shape == (2, 2)
@@ -116,6 +116,18 @@ def test_resume_continues_the_same_mlflow_run(make_config, tmp_path):
     assert [m["epoch"] for m in second["history"]] == [1, 2, 3]
     client = MlflowClient(cfg.mlflow_tracking_uri)
     assert [m.step for m in client.get_metric_history(first["mlflow_run_id"], "val_acc")] == [1, 2, 3]
+
+
+def test_resuming_a_finished_run_logs_nothing_twice(make_config, tmp_path):
+    cfg = make_config(epochs=1, registered_model_name="twice")
+    first = _run(cfg, tmp_path).result()
+    again = _run(cfg, tmp_path, resume=True)
+    assert again.is_completed(), again.message
+    client, run = _mlflow_run(cfg, first["mlflow_run_id"])
+    for key in run.data.metrics:  # summary metrics at step 0, epochs at their step: each once
+        assert len(client.get_metric_history(run.info.run_id, key)) == 1, key
+    assert len(client.search_logged_models(experiment_ids=[run.info.experiment_id])) == 1
+    assert [str(v.version) for v in client.search_model_versions("name = 'twice'")] == ["1"]
 
 
 def test_bad_input_fails_the_flow_with_a_one_line_message(make_config, tmp_path):

@@ -59,7 +59,7 @@ def test_run_logs_metrics_model_and_a_champion_that_predicts(make_config, server
 
     # What @champion serves is the best checkpoint: same outputs on the same input.
     mlflow.set_tracking_uri(server_url)
-    served = mlflow.pytorch.load_model("models:/server-model@champion", dst_path=str(tmp_path / "download"))
+    served = mlflow.pytorch.load_model("models:/server-model@champion", dst_path=str(tmp_path))
     best = trainer.load_model_from_checkpoint(ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.BEST))
     assert torch.allclose(_predict(served.eval(), 32), _predict(best, 32), atol=1e-5)
 

@@ -67,6 +67,32 @@ def test_an_equal_accuracy_registers_a_version_but_keeps_the_champion(store):
     assert (run.data.tags["registry.version"], run.data.tags["registry.promoted"]) == ("2", "false")
 
 
+def test_registering_a_model_again_adds_no_version_and_moves_nothing(store):
+    client, _ = store
+    first_run_id, first_uri = _logged_model(store)
+    registry.register_and_promote(client, "m", first_uri, first_run_id, val_acc=0.6)
+    run_id, uri = _logged_model(store)
+    registry.register_and_promote(client, "m", uri, run_id, val_acc=0.9)
+
+    again = registry.register_and_promote(client, "m", first_uri, first_run_id, val_acc=0.6)  # a resumed run
+    assert (again.version, again.promoted, again.previous_version) == ("1", True, None)
+    assert sorted(str(v.version) for v in client.search_model_versions("name = 'm'")) == ["1", "2"]
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "2"
+
+
+def test_a_registration_killed_before_its_decision_is_finished_on_repeat(store):
+    client, _ = store
+    run_id, uri = _logged_model(store)
+    client.create_registered_model("m")
+    client.create_model_version("m", source=uri, run_id=run_id, tags={"val_acc": "0.8"})  # then killed
+
+    finished = registry.register_and_promote(client, "m", uri, run_id, val_acc=0.8)
+    assert (finished.version, finished.promoted) == ("1", True)
+    assert [str(v.version) for v in client.search_model_versions("name = 'm'")] == ["1"]
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "1"
+    assert client.get_model_version("m", "1").tags["promoted"] == "true"
+
+
 def test_a_champion_registered_by_hand_is_compared_by_its_runs_best_val_acc(store):
     client, _ = store
     run_id, uri = _logged_model(store, best_val_acc=0.6)
