@@ -401,6 +401,7 @@ def previous_mlflow_run_id(cfg: TrainConfig) -> str | None:
 
 def check_inputs(cfg: TrainConfig, resume: bool, log: Log = print) -> dict[str, Any]:
     """Everything about the inputs that can be checked before training starts; raises UserError."""
+    resolve_device(cfg.device)
     splits = load_data(cfg, log)
     classes = splits["train"].classes
     if cfg.pretrained or cfg.weights_path:

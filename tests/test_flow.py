@@ -105,6 +105,8 @@ def test_retries_used_up_fail_the_flow_with_the_cause_and_keep_best(make_config,
     assert "disk read error on batch 3" in state.message
     best = ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.BEST)
     assert best["epoch"] == 1
+    _, run = _mlflow_run(cfg, best["mlflow_run_id"])
+    assert run.info.status == "FAILED"  # not left "running" in the MLflow UI
 
 
 def test_resume_continues_the_same_mlflow_run(make_config, tmp_path):
@@ -135,6 +137,19 @@ def test_bad_input_fails_the_flow_with_a_one_line_message(make_config, tmp_path)
     state = _run(cfg, tmp_path)
     assert state.is_failed()
     assert "does not exist: put images in" in state.message and "\n" not in state.message
+
+
+def test_bad_input_found_by_the_flow_itself_changes_nothing(make_config, tmp_path, monkeypatch):
+    """A deployment calls the flow without the command line's checks: the flow makes them first."""
+    cfg = make_config(epochs=1)
+    assert _run(cfg, tmp_path).is_completed()
+    before = sorted(p.name for p in cfg.checkpoints_dir.iterdir())
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    state = _run(make_config(epochs=1, pretrained=True), tmp_path)
+    assert state.is_failed() and "not available offline" in state.message
+    assert sorted(p.name for p in cfg.checkpoints_dir.iterdir()) == before  # not moved aside
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == 1  # none opened
 
 
 def test_skipped_images_are_counted_in_the_mlflow_run(make_config, image_folder, tmp_path):
