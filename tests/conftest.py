@@ -14,6 +14,7 @@ os.environ.pop("PREFECT_API_URL", None)
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
 os.environ.setdefault("HARV_TRAIN_DIST_TIMEOUT_S", "60")  # a stuck collective fails a test, not CI
+os.environ["HARV_TRAIN_OFFLINE"] = "1"  # no test downloads weights, network or not (one serves them itself)
 
 import contextlib
 import subprocess

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import http.server
+import threading
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -85,6 +93,56 @@ def test_missing_weights_stop_with_a_fix_instead_of_random_init(tmp_path, monkey
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(WeightsError, match="not available offline .*set weights_path.*pretrained: false"):
         build_model("efficientnet_b0", 2, pretrained=True)
+
+
+@contextlib.contextmanager
+def _serving(directory: Path):
+    """A real HTTP server on loopback serving `directory`; yields its base URL."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _served_weights(directory: Path, digest_ok: bool = True) -> tuple[nn.Module, str]:
+    """mobilenet_v3_small weights saved under torchvision's naming (name-<sha256 prefix>.pth)."""
+    reference = models.mobilenet_v3_small(weights=None)
+    directory.mkdir()
+    blob = directory / "blob"
+    torch.save(reference.state_dict(), blob)
+    digest = hashlib.sha256(blob.read_bytes()).hexdigest()[:8] if digest_ok else "00000000"
+    name = f"mobilenet_v3_small-{digest}.pth"
+    blob.rename(directory / name)
+    return reference, name
+
+
+def test_missing_torchvision_weights_are_downloaded_into_torch_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.delenv("HARV_TRAIN_OFFLINE")
+    reference, name = _served_weights(tmp_path / "served")
+    spec = MODEL_SPECS["mobilenet_v3_small"]
+    with _serving(tmp_path / "served") as base:
+        monkeypatch.setitem(MODEL_SPECS, "mobilenet_v3_small", dataclasses.replace(spec, weights_url=f"{base}/{name}"))
+        model = build_model("mobilenet_v3_small", 2, pretrained=True)
+    assert torch.equal(model.features[0][0].weight, reference.features[0][0].weight)
+    assert spec.weights_file().is_file()  # cached where torchvision looks: no second download
+
+
+def test_a_download_that_fails_its_hash_check_is_refused_and_not_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.delenv("HARV_TRAIN_OFFLINE")
+    _, name = _served_weights(tmp_path / "served", digest_ok=False)
+    spec = MODEL_SPECS["mobilenet_v3_small"]
+    with _serving(tmp_path / "served") as base:
+        monkeypatch.setitem(MODEL_SPECS, "mobilenet_v3_small", dataclasses.replace(spec, weights_url=f"{base}/{name}"))
+        with pytest.raises(WeightsError, match="downloading .* failed: invalid hash value"):
+            build_model("mobilenet_v3_small", 2, pretrained=True)
+    assert not spec.weights_file().exists()
 
 
 def test_weights_path_is_used_when_given(tmp_path):
