@@ -29,12 +29,22 @@ FORMAT = "harv-train/1"  # marks a file as one of ours
 REQUIRED_KEYS = ("format", "model", "optimizer", "scheduler", "epoch", "best_val_acc", "classes", "params")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(fd, _FILE_MODE)  # mkstemp's 0600 would make checkpoints unreadable to the team
             torch.save({"format": FORMAT, **state}, f)
             f.flush()
             os.fsync(f.fileno())

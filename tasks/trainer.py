@@ -365,17 +365,24 @@ def finish_run(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def archive_previous_checkpoints(cfg: TrainConfig, log: Log = print) -> Path | None:
-    """A fresh run never overwrites an earlier run's checkpoints: they move aside, whole."""
+    """A fresh run never overwrites an earlier run's checkpoints: they move aside, whole, named by
+    when that run last wrote one (not the folder's time: write checks touch it), with the
+    evaluation report and export made from them."""
     directory = cfg.checkpoints_dir
-    if not directory.is_dir() or not any(directory.glob("*.pth")):
+    checkpoints = list(directory.glob("*.pth")) if directory.is_dir() else []
+    if not checkpoints:
         return None
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(directory.stat().st_mtime))
+    written = max(path.stat().st_mtime for path in checkpoints)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(written))
     target = directory.with_name(f"checkpoints-{stamp}")
     n = 1
     while target.exists():
         n += 1
         target = directory.with_name(f"checkpoints-{stamp}-{n}")
     directory.rename(target)
+    for made_from_them in ("eval", "export"):
+        if (directory.parent / made_from_them).is_dir():
+            (directory.parent / made_from_them).rename(target / made_from_them)
     log(f"Kept the earlier run's checkpoints in {target}")
     return target
 

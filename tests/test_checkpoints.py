@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import stat
+
 import pytest
 import torch
 
@@ -49,3 +51,9 @@ def test_garbage_is_refused(tmp_path):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         ckpt.load_checkpoint(tmp_path / "none.pth")
+
+
+def test_a_checkpoint_gets_the_permissions_of_any_new_file(tmp_path):
+    ckpt.save_checkpoint({"epoch": 1}, tmp_path / "c.pth")
+    (tmp_path / "plain").write_bytes(b"")
+    assert stat.S_IMODE((tmp_path / "c.pth").stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode)

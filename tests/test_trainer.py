@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 
@@ -102,6 +105,20 @@ def test_a_fresh_run_keeps_the_earlier_runs_checkpoints(make_config):
     kept = trainer.archive_previous_checkpoints(cfg, quiet)
     assert kept is not None and (kept / ckpt.BEST).read_bytes() == old_best
     assert not cfg.checkpoints_dir.exists()
+
+
+def test_kept_checkpoints_are_named_by_their_last_write_and_take_their_report_along(make_config):
+    cfg = make_config(epochs=1)
+    _train(cfg)
+    for path in cfg.checkpoints_dir.glob("*.pth"):
+        os.utime(path, (1_600_000_000, 1_600_000_000))
+    os.utime(cfg.checkpoints_dir / ckpt.LAST, (1_700_000_000, 1_700_000_000))
+    trainer.check_writable(cfg.checkpoints_dir)  # touches the folder, not the checkpoints
+    (cfg.checkpoints_dir.parent / "eval").mkdir()
+    (cfg.checkpoints_dir.parent / "eval" / "report.json").write_text("{}")
+    kept = trainer.archive_previous_checkpoints(cfg, quiet)
+    assert kept.name == "checkpoints-" + time.strftime("%Y%m%d-%H%M%S", time.localtime(1_700_000_000))
+    assert (kept / "eval" / "report.json").is_file() and not (cfg.checkpoints_dir.parent / "eval").exists()
 
 
 def test_early_stopping_counts_epochs_without_a_better_accuracy():
