@@ -126,9 +126,7 @@ def decode_image(path: Path, size: int, interpolation: str) -> torch.Tensor:
                 img = img.convert("RGB").resize((size, size), _FILTERS[interpolation])
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(
-            f"cannot read image {path} ({reason}): remove or replace the file, or set skip_bad_images: true"
-        ) from None
+        raise DataError(f"cannot read image {path} ({reason})") from None
     array = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
@@ -193,8 +191,10 @@ def decode_split(
     cache_max_mb: int,
     skip_bad_images: bool = False,
     log: Callable[[str], None] = print,
+    fix: str = "remove or replace the file, or set skip_bad_images: true",
 ) -> DecodedSplit:
-    """Decode every image once (which also proves each one readable) and cache it if it fits."""
+    """Decode every image once (which also proves each one readable) and cache it if it fits.
+    An unreadable image is an error that ends with `fix`, or skipped and logged."""
     per_image = 3 * img_size * img_size
     fits = len(index.samples) * per_image <= cache_max_mb * 2**20
     images: list[torch.Tensor] = []
@@ -206,7 +206,7 @@ def decode_split(
             tensor = decode_image(path, img_size, interpolation)
         except DataError as exc:
             if not skip_bad_images:
-                raise
+                raise DataError(f"{exc}: {fix}") from None
             log(f"skipping unreadable image: {exc}")
             skipped.append(str(path))
             continue

@@ -94,7 +94,8 @@ def load_eval_split(state: dict[str, Any], data_dir: str | Path, cache_max_mb: i
     check_class_folders(data_dir, state["classes"])
     # scan_split takes the classes in the checkpoint's order, so label i means the model's output i.
     index = scan_split(data_dir, list(state["classes"]))
-    return decode_split(index, state["img_size"], state["interpolation"], cache_max_mb, log=log)
+    return decode_split(index, state["img_size"], state["interpolation"], cache_max_mb, log=log,
+                        fix="remove or replace the file")
 
 
 @dataclass

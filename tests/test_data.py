@@ -70,9 +70,11 @@ def test_corrupt_image_is_named(image_folder):
 def test_bad_images_can_be_skipped_and_are_reported(image_folder):
     (image_folder / "train" / "cat" / "empty.jpg").write_bytes(b"")
     (image_folder / "val" / "dog" / "text.png").write_text("hello")
-    splits = load_dataset(image_folder, None, 32, "bilinear", 64, skip_bad_images=True, log=lambda _: None)
+    logged: list[str] = []
+    splits = load_dataset(image_folder, None, 32, "bilinear", 64, skip_bad_images=True, log=logged.append)
     assert len(splits["train"]) == 16 and len(splits["val"]) == 8
     assert [p.split("/")[-1] for p in splits["train"].skipped + splits["val"].skipped] == ["empty.jpg", "text.png"]
+    assert [m.startswith("skipping unreadable image") and "skip_bad_images" not in m for m in logged] == [True, True]
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P", "I;16"])
