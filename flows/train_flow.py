@@ -22,11 +22,33 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 if __package__ in (None, ""):  # run as a script: make `tasks` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-if __name__ == "__main__":  # first: Prefect's temporary server boots while the imports below run
-    from tasks.cli import ExitWithoutTeardown
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python flows/train_flow.py",
+        description="Fine-tune an ImageNet-pretrained model on an ImageFolder dataset, tracked in MLflow.",
+    )
+    parser.add_argument("--params", default="params.yaml", help="params YAML file (default: params.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one param; VALUE is YAML (repeatable): --set epochs=5 --set classes='[a, b]'")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the last checkpoint in artifacts_dir (same MLflow run)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    from tasks.cli import ExitWithoutTeardown, check_command_line
+    from tasks.config import load_config, parse_override
     from tasks.prefect_boot import start_early_server
 
     _exit = ExitWithoutTeardown()
+    # --help, a mistyped option or bad params answer at once (0.1 s), before any server starts.
+    _exit.code = check_command_line(
+        lambda: load_config((args := parse_args()).params, dict(map(parse_override, args.overrides))))
+    if _exit.code is not None:
+        raise SystemExit(_exit.code)
+    _exit.code = 1
+    # Prefect's temporary server boots while the imports below run.
     _early_server = start_early_server()
 
 from prefect import flow, get_run_logger, runtime, task
@@ -228,19 +250,6 @@ def _train_tracked(cfg: TrainConfig, resume: bool, data: dict[str, Any], tracker
              "everything missed was logged at the end")
     tracker.end("FINISHED")
     return Completed(message=f"best val accuracy {summary['best_val_acc']:.4f}", data=summary)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python flows/train_flow.py",
-        description="Fine-tune an ImageNet-pretrained model on an ImageFolder dataset, tracked in MLflow.",
-    )
-    parser.add_argument("--params", default="params.yaml", help="params YAML file (default: params.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one param; VALUE is YAML (repeatable): --set epochs=5 --set classes='[a, b]'")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the last checkpoint in artifacts_dir (same MLflow run)")
-    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None, early_server: EarlyServer | None = None) -> int:

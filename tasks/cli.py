@@ -27,6 +27,19 @@ def run_flow_command(start: Callable[[], Any]) -> tuple[int, Any]:
     return 0, state
 
 
+def check_command_line(check: Callable[[], Any]) -> int | None:
+    """Run `check` (argument parsing, params validation): None when it passes, else the exit code
+    (argparse's own for --help and usage errors; 2 with one `error:` line for bad input)."""
+    try:
+        check()
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return None
+
+
 class ExitWithoutTeardown:
     """Ends a command-line process right after its exit hooks, skipping the interpreter's teardown.
 

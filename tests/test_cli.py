@@ -118,3 +118,11 @@ def test_command_line_prints_no_traceback(tmp_path):
     assert result.stderr.strip().startswith("error: data_dir") and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0
     assert "Prefect: temporary server" not in result.stdout  # bad input never reaches the flow
+
+
+@pytest.mark.parametrize(("args", "code"), [(["--help"], 0), (["--bogus"], 2), (["--set", "lr"], 2)])
+def test_help_and_usage_errors_answer_with_argparse_codes_before_any_server(args, code):
+    result = subprocess.run([sys.executable, "flows/train_flow.py", *args], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == code, result.stderr
+    assert "Prefect" not in result.stdout + result.stderr
