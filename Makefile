@@ -22,8 +22,9 @@ $(STAMP): requirements.lock pyproject.toml
 demo-data: install
 	$(PY) -m tasks.demo_data $(DEMO_DATA)
 
+# ARGS: more options for the demo run, e.g. make demo ARGS=--resume
 demo: demo-data
-	$(PY) flows/train_flow.py $(DEMO_SET)
+	$(PY) flows/train_flow.py $(DEMO_SET) $(ARGS)
 
 train: install
 	$(PY) flows/train_flow.py

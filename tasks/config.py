@@ -44,6 +44,17 @@ def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+def flatten(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested sections as dotted keys: {"distributed": {"nnodes": 1}} -> {"distributed.nnodes": 1}."""
+    flat = {}
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
 @dataclass(frozen=True)
 class DistributedConfig:
     """Data-parallel training under torchrun; nproc_per_node x nnodes = 1 is the plain single process."""
@@ -104,13 +115,7 @@ class TrainConfig:
 
     def flat_dict(self) -> dict[str, Any]:
         """Nested sections as dotted keys (`distributed.nproc_per_node`): MLflow params are flat."""
-        flat = {}
-        for key, value in self.to_dict().items():
-            if isinstance(value, dict):
-                flat.update({f"{key}.{k}": v for k, v in value.items()})
-            else:
-                flat[key] = value
-        return flat
+        return flatten(self.to_dict())
 
     @property
     def checkpoints_dir(self) -> Path:

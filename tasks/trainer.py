@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from tasks import checkpoints as ckpt
-from tasks.config import TrainConfig
+from tasks.config import TrainConfig, flatten
 from tasks.data import DecodedSplit, load_dataset
 from tasks.early_stopping import EarlyStopping
 from tasks.engine import SINGLE, Pipeline, World, evaluate, frozen_feature_batches, train_one_epoch
@@ -171,7 +171,16 @@ def resume_run(cfg: TrainConfig, classes: list[str], log: Log = print) -> dict[s
     state = ckpt.load_checkpoint(path)
     check_resumable(cfg, state, classes, path)
     log(f"Resuming from {path}: {state['epoch']} epoch(s) done, best val accuracy {max(state['best_val_acc'], 0):.4f}")
+    changed = changed_params(state["params"], cfg.to_dict())
+    if changed:  # allowed (more epochs, another lr), but worth seeing: e.g. another registered model
+        log("Params differ from the run being resumed: " + ", ".join(changed))
     return _summary(state)
+
+
+def changed_params(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """`key old -> new` for every param (nested sections dotted) whose value differs."""
+    old, new = flatten(before), flatten(now)
+    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
 
 
 class _Session:

@@ -151,3 +151,10 @@ def test_optimizer_resumes_as_fused_adam_with_the_checkpoints_moments(make_confi
     assert torch.equal(moment, unfused.state[model.weight]["exp_avg"])
     optimizer.step()  # and it steps from there
     assert not torch.equal(optimizer.state[model.weight]["exp_avg"], moment)
+
+
+def test_resume_names_the_params_that_differ_from_the_run(make_config):
+    _train(make_config(epochs=1))
+    logged: list[str] = []
+    trainer.resume_run(make_config(epochs=3, registered_model_name="other"), ["cat", "dog"], logged.append)
+    assert logged[-1] == "Params differ from the run being resumed: epochs 1 -> 3, registered_model_name None -> 'other'"
