@@ -321,7 +321,7 @@ def run_epoch(
     val.seconds = time.perf_counter() - val_start  # includes the frozen features when computed this epoch
 
     scheduler.step(val.loss)
-    is_best = stopper.step(val.acc)
+    is_best = stopper.step(val.acc, val.loss)
     metrics = {
         "epoch": epoch + 1,
         "train_loss": train.loss,
@@ -358,11 +358,12 @@ def run_epoch(
         if is_best:
             # best before last: a crash in between re-runs this epoch, which rewrites the same best.
             ckpt.save_checkpoint(new_state, checkpoint_path(cfg, ckpt.BEST))
-            log(f"New best model: val accuracy {val.acc:.4f} at epoch {epoch + 1} -> {checkpoint_path(cfg, ckpt.BEST)}")
+            log(f"New best model: val accuracy {val.acc:.4f} (loss {val.loss:.4f}) at epoch {epoch + 1} -> "
+                f"{checkpoint_path(cfg, ckpt.BEST)}")
         ckpt.save_checkpoint(new_state, last_path)
         session.wrote(last_path, new_state)
     if stopper.should_stop:
-        log(f"Early stopping: no better val accuracy for {cfg.early_stopping_patience} epochs")
+        log(f"Early stopping: no better model (val accuracy, then val loss) for {cfg.early_stopping_patience} epochs")
     return {**metrics, "stop": stopper.should_stop}
 
 

@@ -121,6 +121,12 @@ def test_kept_checkpoints_are_named_by_their_last_write_and_take_their_report_al
     assert (kept / "eval" / "report.json").is_file() and not (cfg.checkpoints_dir.parent / "eval").exists()
 
 
+def test_an_equal_accuracy_with_a_lower_loss_is_a_better_model():
+    stopper = EarlyStopping(patience=2)
+    assert [stopper.step(a, l) for a, l in ((1.0, 0.5), (1.0, 0.3), (1.0, 0.4), (0.9, 0.1))] == [True, True, False, False]
+    assert stopper.should_stop and (stopper.best, stopper.best_loss) == (1.0, 0.3)
+
+
 def test_early_stopping_counts_epochs_without_a_better_accuracy():
     stopper = EarlyStopping(patience=2)
     assert [stopper.step(v) for v in (0.5, 0.6, 0.6, 0.55)] == [True, True, False, False]
