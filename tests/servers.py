@@ -29,7 +29,7 @@ class Server(NamedTuple):
     proc: subprocess.Popen
 
 
-def _tail(path: Path, lines: int = 15) -> str:
+def log_tail(path: Path, lines: int = 15) -> str:
     text = path.read_text(errors="replace") if path.exists() else ""
     return "\n".join(text.splitlines()[-lines:])
 
@@ -48,7 +48,7 @@ def running_server(
             if proc.poll() is not None:
                 raise ServerStartError(
                     f"{name} exited with code {proc.returncode} before answering {health_url} "
-                    f"(port taken? see {log_path}):\n{_tail(log_path)}")
+                    f"(port taken? see {log_path}):\n{log_tail(log_path)}")
             try:
                 with urllib.request.urlopen(health_url, timeout=5) as response:
                     if response.status == 200:
@@ -57,7 +57,7 @@ def running_server(
                 pass
             if time.monotonic() > deadline:
                 raise ServerStartError(
-                    f"{name} did not answer {health_url} within {timeout:.0f}s (see {log_path}):\n{_tail(log_path)}")
+                    f"{name} did not answer {health_url} within {timeout:.0f}s (see {log_path}):\n{log_tail(log_path)}")
             time.sleep(0.5)
         yield proc
     finally:

@@ -1,5 +1,6 @@
-"""prefect.yaml on a real Prefect server: `prefect deploy --all` registers the deployments, and a
-process worker runs a triggered flow run of nightly-train to completion from this repository.
+"""prefect.yaml on a real Prefect server: `prefect deploy --all` registers the deployments, a
+process worker runs a triggered flow run of nightly-train to completion from this repository, and
+a server with its scheduler on schedules nightly-train's runs from its cron.
 
 The server, the CLI and the worker are subprocesses with their own PREFECT_HOME and PREFECT_API_URL;
 this process reads the server with an explicit client, never through the settings the session's
@@ -8,16 +9,24 @@ test harness (`prefect_server` fixture) holds.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
+import time
+from datetime import datetime, timezone
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import SyncPrefectClient
+from prefect.client.schemas.filters import (
+    FlowRunFilter, FlowRunFilterDeploymentId, FlowRunFilterState, FlowRunFilterStateType)
+from prefect.client.schemas.objects import StateType
+from prefect.server.schemas.schedules import CronSchedule
 
 from tasks import checkpoints as ckpt
 from tests.images import write_image_folder
-from tests.servers import BIN, prefect_env, prefect_server
+from tests.servers import BIN, log_tail, free_port, prefect_env, prefect_server, running_server
 
 REPO = Path(__file__).resolve().parent.parent
 POOL = "harv-train-pool"
@@ -36,9 +45,13 @@ def deployed(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
     with prefect_server(home) as api_url:
         env = prefect_env(home, api_url)
-        _cli(["work-pool", "create", POOL, "--type", "process"], env, timeout=120)
-        _cli(["deploy", "--all"], env, timeout=180)
+        _deploy_all(env)
         yield api_url, env
+
+
+def _deploy_all(env: dict[str, str]) -> None:
+    _cli(["work-pool", "create", POOL, "--type", "process"], env, timeout=120)
+    _cli(["deploy", "--all"], env, timeout=180)
 
 
 def test_deploy_registers_nightly_schedule_parameters_and_pool(deployed):
@@ -96,3 +109,51 @@ def test_triggered_run_completes_on_a_process_worker_with_checkpoints_and_mlflow
     assert mlflow_run.data.tags["prefect.deployment"] == "nightly-train"
     assert mlflow_run.data.params["epochs"] == "1"
     assert (tmp_path / "mlartifacts").is_dir()
+
+
+def test_scheduler_creates_the_nightly_runs_from_its_cron(tmp_path):
+    """The server's scheduler turns nightly-train's cron into Scheduled runs on the next nights at
+    02:00 Berlin time (it cannot with SQLAlchemy 2.1: every scheduler loop then fails with
+    "Can't evaluate bulk DML statement"). Its own server: the shared one runs no scheduler, so that
+    no scheduled run reaches the other test's worker."""
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = prefect_env(home, api_url)
+    server_env = {**env, "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1"}  # default: 60
+    cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+           "--analytics-off"]
+    with running_server(f"prefect server on port {port}", cmd, f"{api_url}/health", home / "server.log",
+                        env=server_env):
+        deployed_at = datetime.now(timezone.utc)
+        _deploy_all(env)
+        with SyncPrefectClient(api_url) as client:
+            nightly = client.read_deployment_by_name("train/nightly-train")
+            smoke = client.read_deployment_by_name("train/smoke-train")
+
+            def scheduled_runs(deployment_id):
+                return client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                    deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id]),
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))))
+
+            deadline = time.monotonic() + 30  # ~30 scheduler loops
+            while not (runs := scheduled_runs(nightly.id)):
+                assert time.monotonic() < deadline, (
+                    "the scheduler made no Scheduled run of nightly-train within 30 s; server log:\n"
+                    + log_tail(home / "server.log", 30))
+                time.sleep(0.5)
+            seen_at = datetime.now(timezone.utc)
+            smoke_runs = scheduled_runs(smoke.id)
+
+    assert all("auto-scheduled" in run.tags for run in runs)
+    starts = sorted(run.expected_start_time for run in runs)
+    assert deployed_at < starts[0], (deployed_at, starts)
+    # The next nights at 02:00 in Europe/Berlin ("0 2 * * *", DST as Prefect reads it) from the
+    # moment the scheduler ran: after deploying, before the runs were seen.
+    [schedule] = nightly.schedules
+    cron = CronSchedule(cron=schedule.schedule.cron, timezone=schedule.schedule.timezone)
+    expected = [asyncio.run(cron.get_dates(n=len(starts), start=t)) for t in (deployed_at, seen_at)]
+    assert starts in expected, (starts, expected)
+    assert all(t.astimezone(ZoneInfo("Europe/Berlin")).strftime("%M:%S") == "00:00" for t in starts), starts
+    assert smoke_runs == []  # its schedule is inactive
