@@ -15,6 +15,8 @@ DEMO_SET := --set model_name=efficientnet_lite0 --set data_dir=$(DEMO_DATA) --se
 install: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
+	  || { echo "error: harv-train needs Python 3.11 (the lock is for it); $(PYTHON) is $$($(PYTHON) -V 2>&1): run make PYTHON=python3.11 ..." >&2; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	@rm -f $(VENV)/.installed-* && touch $@
