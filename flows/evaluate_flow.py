@@ -21,6 +21,32 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # see flows/
 if __package__ in (None, ""):  # run as a script: make `tasks` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python flows/evaluate_flow.py",
+        description="Evaluate a harv-train checkpoint on a folder with one subfolder of images per class.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="a .pth written by flows/train_flow.py")
+    parser.add_argument("--data", required=True, help="the split to evaluate on, e.g. data/processed/val")
+    parser.add_argument("--out", help="report directory (default: ARTIFACTS_DIR/eval beside the checkpoints)")
+    parser.add_argument("--export", action="store_true", help="also export to TorchScript and ONNX")
+    parser.add_argument("--export-dir", help="export directory (default: ARTIFACTS_DIR/export)")
+    parser.add_argument("--latency-runs", type=int,
+                        help="timed runs per runtime for the CPU latency (default: tasks/export.py's LATENCY_RUNS)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # as flows/train_flow.py: answer --help at once, boot the server during imports
+    from tasks.cli import ExitWithoutTeardown, check_command_line
+    from tasks.prefect_boot import start_early_server
+
+    _exit = ExitWithoutTeardown()
+    _exit.code = check_command_line(parse_args)
+    if _exit.code is not None:
+        raise SystemExit(_exit.code)
+    _exit.code = 1
+    _early_server = start_early_server()
+
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -32,6 +58,7 @@ from tasks.config import TrainConfig
 from tasks.errors import UserError
 from tasks.evaluation import check_class_folders, default_out_dir, evaluate_checkpoint, load_trained_model
 from tasks.export import LATENCY_RUNS, export_checkpoint
+from tasks.prefect_boot import EarlyServer, flow_server
 from tasks.runtime import configure_threads
 
 
@@ -97,30 +124,17 @@ def evaluate_flow(checkpoint: str, data: str, out: str | None = None, export: bo
         return Failed(message=str(exc))
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python flows/evaluate_flow.py",
-        description="Evaluate a harv-train checkpoint on a folder with one subfolder of images per class.",
-    )
-    parser.add_argument("--checkpoint", required=True, help="a .pth written by flows/train_flow.py")
-    parser.add_argument("--data", required=True, help="the split to evaluate on, e.g. data/processed/val")
-    parser.add_argument("--out", help="report directory (default: ARTIFACTS_DIR/eval beside the checkpoints)")
-    parser.add_argument("--export", action="store_true", help="also export to TorchScript and ONNX")
-    parser.add_argument("--export-dir", help="export directory (default: ARTIFACTS_DIR/export)")
-    parser.add_argument("--latency-runs", type=int, default=LATENCY_RUNS,
-                        help=f"timed runs per runtime for the CPU latency (default {LATENCY_RUNS})")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, early_server: EarlyServer | None = None) -> int:
     args = parse_args(argv)
 
     def start():
-        # Check the inputs before Prefect starts: bad input costs no server start and shows no traceback.
+        # Check the inputs before the flow begins: bad input shows one line, no traceback, no flow run.
         state, _ = load_trained_model(args.checkpoint)
         check_class_folders(Path(args.data), state["classes"])
-        return evaluate_flow(checkpoint=args.checkpoint, data=args.data, out=args.out, export=args.export,
-                             export_dir=args.export_dir, latency_runs=args.latency_runs, return_state=True)
+        with flow_server(early_server, "[evaluate]"):
+            return evaluate_flow(checkpoint=args.checkpoint, data=args.data, out=args.out, export=args.export,
+                                 export_dir=args.export_dir, latency_runs=args.latency_runs or LATENCY_RUNS,
+                                 return_state=True)
 
     code, flow_state = run_flow_command(start)
     if code:
@@ -135,4 +149,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        _exit.code = main(early_server=_early_server)
+    except KeyboardInterrupt:
+        _exit.code = 130
+        raise
+    raise SystemExit(_exit.code)

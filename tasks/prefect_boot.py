@@ -94,7 +94,7 @@ def start_early_server() -> EarlyServer | None:
 
 
 @contextlib.contextmanager
-def flow_server(early: EarlyServer | None) -> Iterator[None]:
+def flow_server(early: EarlyServer | None, prefix: str = "[train]") -> Iterator[None]:
     """Around the flow run: point Prefect at the early server if Prefect would otherwise start a
     temporary one and the early server is up; otherwise change nothing."""
     from prefect.settings import (
@@ -110,7 +110,7 @@ def flow_server(early: EarlyServer | None) -> Iterator[None]:
             early.stop()  # a configured server (e.g. in the Prefect profile) or no answer: not ours to use
         yield
         return
-    print(f"[train] Prefect: temporary server for this run at {early.address}, stopped at exit "
+    print(f"{prefix} Prefect: temporary server for this run at {early.address}, stopped at exit "
           "(to keep runs in a lasting one: make server, and PREFECT_API_URL)", flush=True)
     # No UI runs on it and it stops at exit: no "View at" link to a page that will not be there.
     with temporary_settings(updates={PREFECT_API_URL: early.api_url, PREFECT_UI_URL: ""}):

@@ -120,9 +120,12 @@ def test_command_line_prints_no_traceback(tmp_path):
     assert "Prefect: temporary server" not in result.stdout  # bad input never reaches the flow
 
 
-@pytest.mark.parametrize(("args", "code"), [(["--help"], 0), (["--bogus"], 2), (["--set", "lr"], 2)])
-def test_help_and_usage_errors_answer_with_argparse_codes_before_any_server(args, code):
-    result = subprocess.run([sys.executable, "flows/train_flow.py", *args], cwd=REPO, capture_output=True,
+@pytest.mark.parametrize(("script", "args", "code"), [
+    ("train_flow.py", ["--help"], 0), ("train_flow.py", ["--bogus"], 2), ("train_flow.py", ["--set", "lr"], 2),
+    ("evaluate_flow.py", ["--help"], 0), ("evaluate_flow.py", ["--checkpoint", "x.pth"], 2),
+])
+def test_help_and_usage_errors_answer_with_argparse_codes_before_any_server(script, args, code):
+    result = subprocess.run([sys.executable, f"flows/{script}", *args], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == code, result.stderr
     assert "Prefect" not in result.stdout + result.stderr
