@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     _init_process_group(backend)
     try:
         world = World(dist.get_rank(), dist.get_world_size())
-        trainer.run_epoch(cfg, args.epoch, lambda m: print(f"[train] {m}", flush=True), progress=False, world=world)
+        # Bare lines: they reach the user through launch_epoch's `log`, which adds the caller's prefix.
+        trainer.run_epoch(cfg, args.epoch, lambda m: print(m, flush=True), progress=False, world=world)
         dist.barrier()  # rank 0 has written the checkpoint before any rank reports success
     finally:
         dist.destroy_process_group()

@@ -51,6 +51,25 @@ class World:
         torch.distributed.all_reduce(totals)
         return totals.tolist()
 
+    def broadcast_buffers(self, module: nn.Module) -> None:
+        """Give every rank rank 0's buffers of `module` (BatchNorm running statistics).
+
+        DistributedDataParallel broadcasts them from rank 0 at the start of each training forward,
+        but that forward then updates each rank's statistics with its own share of the batch: after
+        the last step the ranks hold different models, and rank 0's is the one that is saved."""
+        if self.size == 1:
+            return
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for buffer in module.buffers():
+            by_dtype.setdefault(buffer.dtype, []).append(buffer)
+        for buffers in by_dtype.values():  # one collective per dtype, not one per tensor
+            flat = torch.cat([b.reshape(-1) for b in buffers])
+            torch.distributed.broadcast(flat, src=0)
+            offset = 0
+            for b in buffers:
+                b.copy_(flat[offset : offset + b.numel()].view_as(b))
+                offset += b.numel()
+
 
 SINGLE = World()
 
@@ -142,6 +161,7 @@ def train_one_epoch(
         total_loss += loss.detach().double().cpu() * len(labels)
         correct += int((logits.argmax(1) == labels).sum())
         seen += len(labels)
+    world.broadcast_buffers(model)  # every rank goes on (to validation) with the model rank 0 saves
     loss_sum, correct, seen = world.sum(float(total_loss), correct, seen)
     return EpochResult(
         loss=loss_sum / seen,
