@@ -56,12 +56,13 @@ class EarlyServer:
         app_dir = str(Path(spec.submodule_search_locations[0]).parent)
         # Prefect's own command for its temporary server (prefect.server.api.server.SubprocessASGIServer).
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-        # Its errors reach the console as those of Prefect's own temporary server do (stderr inherited).
+        # No output kept: a pipe to it would hold `... | tee` open through its shutdown after this
+        # process exits. If it fails to answer, the flow falls back to Prefect's own, which reports.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory",
              "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "error", "--lifespan", "on"],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         atexit.register(self.stop)
