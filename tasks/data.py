@@ -201,12 +201,14 @@ def decode_split(
     paths: list[Path] = []
     labels: list[int] = []
     skipped: list[str] = []
+    unreadable: list[DataError] = []
     for path, label in index.samples:
         try:
             tensor = decode_image(path, img_size, interpolation)
         except DataError as exc:
             if not skip_bad_images:
-                raise DataError(f"{exc}: {fix}") from None
+                unreadable.append(exc)  # all of them in one message, not one per attempt
+                continue
             log(f"skipping unreadable image: {exc}")
             skipped.append(str(path))
             continue
@@ -214,6 +216,9 @@ def decode_split(
             images.append(tensor)
         paths.append(path)
         labels.append(label)
+    if unreadable:
+        more = f" and {len(unreadable) - 1} more unreadable image(s) in {index.root}" if len(unreadable) > 1 else ""
+        raise DataError(f"{unreadable[0]}{more}: {fix}")
     for name in index.classes:
         label = index.classes.index(name)
         if label not in labels:

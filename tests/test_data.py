@@ -67,6 +67,13 @@ def test_corrupt_image_is_named(image_folder):
         load_dataset(image_folder, None, 32, "bilinear", 64)
 
 
+def test_every_unreadable_image_is_counted_in_the_one_error(image_folder):
+    for name in ("cat_1.png", "cat_2.png", "cat_3.png"):
+        (image_folder / "train" / "cat" / name).write_bytes(b"")
+    with pytest.raises(DataError, match=r"cannot read image .*cat_1.png .*\) and 2 more unreadable image\(s\) in "):
+        load_dataset(image_folder, None, 32, "bilinear", 64)
+
+
 def test_bad_images_can_be_skipped_and_are_reported(image_folder):
     (image_folder / "train" / "cat" / "empty.jpg").write_bytes(b"")
     (image_folder / "val" / "dog" / "text.png").write_text("hello")
