@@ -121,6 +121,16 @@ class TrainConfig:
     def checkpoints_dir(self) -> Path:
         return Path(self.artifacts_dir) / "checkpoints"
 
+    @property
+    def eval_dir(self) -> Path:
+        """The evaluation report of best_model.pth (tasks/post_training.py)."""
+        return Path(self.artifacts_dir) / "eval"
+
+    @property
+    def export_dir(self) -> Path:
+        """TorchScript and ONNX files of best_model.pth (tasks/post_training.py)."""
+        return Path(self.artifacts_dir) / "export"
+
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)

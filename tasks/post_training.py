@@ -22,14 +22,6 @@ from tasks.tracking import MlflowTracker
 Log = Callable[[str], None]
 
 
-def eval_dir(cfg: TrainConfig) -> Path:
-    return Path(cfg.artifacts_dir) / "eval"
-
-
-def export_dir(cfg: TrainConfig) -> Path:
-    return Path(cfg.artifacts_dir) / "export"
-
-
 def log_evaluation(tracker: MlflowTracker, report: EvalReport) -> None:
     metrics = {f"eval_{k}": v for k, v in report.metrics.summary().items()}
     tracker.log_metrics({**metrics, "eval_loss": report.loss}, "logging the evaluation metrics")
@@ -55,14 +47,14 @@ def evaluate_and_export(cfg: TrainConfig, mlflow_run_id: str | None, log: Log = 
     best = trainer.checkpoint_path(cfg, ckpt.BEST)
     # The flow has decoded the val split already (memoized per process): no second decode.
     val = trainer.load_data(cfg, log)["val"]
-    report = evaluate_checkpoint(best, Path(cfg.data_dir) / "val", eval_dir(cfg), device=resolve_device(cfg.device),
+    report = evaluate_checkpoint(best, Path(cfg.data_dir) / "val", cfg.eval_dir, device=resolve_device(cfg.device),
                                  split=val, log=log)
     exported = None
     if cfg.export:
         from tasks.evaluation import load_trained_model
 
         state, model = load_trained_model(best)
-        exported = export_model(model, state, val, export_dir(cfg), log=log)
+        exported = export_model(model, state, val, cfg.export_dir, log=log)
 
     tracker = MlflowTracker(cfg.mlflow_tracking_uri, cfg.mlflow_experiment, log)
     tracker.run_id = mlflow_run_id

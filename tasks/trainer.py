@@ -390,9 +390,9 @@ def archive_previous_checkpoints(cfg: TrainConfig, log: Log = print) -> Path | N
         n += 1
         target = directory.with_name(f"checkpoints-{stamp}-{n}")
     directory.rename(target)
-    for made_from_them in ("eval", "export"):
-        if (directory.parent / made_from_them).is_dir():
-            (directory.parent / made_from_them).rename(target / made_from_them)
+    for made_from_them in (cfg.eval_dir, cfg.export_dir):
+        if made_from_them.is_dir():
+            made_from_them.rename(target / made_from_them.name)
     log(f"Kept the earlier run's checkpoints in {target}")
     return target
 
