@@ -9,7 +9,6 @@ back later. Plain functions over an `MlflowClient`: no Prefect, any tracking sto
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 CHAMPION = "champion"
@@ -114,7 +113,7 @@ def register_and_promote(
     Safe to repeat (a resumed run): a model registered before is not registered again, and a
     decision is made once. Its inputs are tagged on the version before the alias moves and
     `promoted` is tagged last, so a run killed in between finishes the same decision."""
-    from mlflow.entities import Metric, RunTag
+    from tasks.tracking import log_summary
 
     ensure_registered_model(client, name)
     version = registered_version(client, name, model_uri)
@@ -145,19 +144,15 @@ def register_and_promote(
     if promoted:
         client.set_registered_model_alias(name, alias, version.version)
 
-    now = int(time.time() * 1000)
-    metrics = [Metric(CANDIDATE_METRIC, float(val_acc), now, 0)]
+    metrics = {CANDIDATE_METRIC: float(val_acc)}
     if previous_acc is not None:
-        metrics.append(Metric(CHAMPION_METRIC, previous_acc, now, 0))
-    held = client.get_run(run_id).data.metrics
-    run_tags = {
+        metrics[CHAMPION_METRIC] = previous_acc
+    log_summary(client, run_id, metrics, tags={
         "registry.model": name,
         "registry.version": str(version.version),
         "registry.promoted": str(promoted).lower(),
         f"registry.{before_key}": previous_version or "none",
-    }
-    client.log_batch(run_id, metrics=[m for m in metrics if held.get(m.key) != m.value],
-                     tags=[RunTag(k, v) for k, v in run_tags.items()])
+    })
     client.set_model_version_tag(name, version.version, "promoted", str(promoted).lower())
     return Registration(
         name=name,

@@ -23,6 +23,19 @@ Log = Callable[[str], None]
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_time_s", "val_time_s")
 
 
+def log_summary(client, run_id: str, metrics: dict[str, float], tags: dict[str, str] | None = None) -> None:
+    """Log run-level metrics (step 0) and tags. A value the run already holds is not logged again: a
+    resumed run logs its summary a second time, and a metric's history should not show it twice."""
+    from mlflow.entities import Metric, RunTag
+
+    held = client.get_run(run_id).data.metrics
+    now = int(time.time() * 1000)
+    fresh = [Metric(k, float(v), now, 0) for k, v in metrics.items() if held.get(k) != float(v)]
+    run_tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    if fresh or run_tags:
+        client.log_batch(run_id, metrics=fresh, tags=run_tags)
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
@@ -123,18 +136,8 @@ class MlflowTracker:
             self._attempt(f"logging epoch {history[-1]['epoch'] if history else 0}", _log)
 
     def log_metrics(self, metrics: dict[str, float], what: str = "logging summary metrics") -> None:
-        from mlflow.entities import Metric
-
-        def _log() -> None:
-            # A resumed run logs its summary again: values it already holds are not logged twice.
-            held = self.client().get_run(self.run_id).data.metrics
-            now = int(time.time() * 1000)
-            fresh = [Metric(k, float(v), now, 0) for k, v in metrics.items() if held.get(k) != float(v)]
-            if fresh:
-                self.client().log_batch(self.run_id, metrics=fresh)
-
         if self.run_id:
-            self._attempt(what, _log)
+            self._attempt(what, lambda: log_summary(self.client(), self.run_id, metrics))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
