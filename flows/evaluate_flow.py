@@ -36,16 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-if __name__ == "__main__":  # as flows/train_flow.py: answer --help at once, boot the server during imports
-    from tasks.cli import ExitWithoutTeardown, check_command_line
-    from tasks.prefect_boot import start_early_server
+if __name__ == "__main__":  # first: bad arguments answer at once; the server boots during the imports
+    from tasks.cli import FastCommand
 
-    _exit = ExitWithoutTeardown()
-    _exit.code = check_command_line(parse_args)
-    if _exit.code is not None:
-        raise SystemExit(_exit.code)
-    _exit.code = 1
-    _early_server = start_early_server()
+    _command = FastCommand(parse_args)
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -149,9 +143,4 @@ def main(argv: list[str] | None = None, early_server: EarlyServer | None = None)
 
 
 if __name__ == "__main__":
-    try:
-        _exit.code = main(early_server=_early_server)
-    except KeyboardInterrupt:
-        _exit.code = 130
-        raise
-    raise SystemExit(_exit.code)
+    _command.run(lambda early_server: main(early_server=early_server))

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from tasks.errors import UserError
 
@@ -38,6 +38,32 @@ def check_command_line(check: Callable[[], Any]) -> int | None:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     return None
+
+
+class FastCommand:
+    """How a flow's command line starts and ends. Created first thing, before the heavy imports: it
+    answers --help, usage errors and bad params at once (`check`), then starts Prefect's temporary
+    server so that it boots while the imports run (tasks/prefect_boot.py). `run(main)` then runs
+    the command and ends the process right after its exit hooks (ExitWithoutTeardown)."""
+
+    def __init__(self, check: Callable[[], Any]) -> None:
+        self._exit = ExitWithoutTeardown()
+        code = check_command_line(check)
+        if code is not None:
+            self._exit.code = code
+            raise SystemExit(code)
+        from tasks.prefect_boot import start_early_server
+
+        self.early_server = start_early_server()
+
+    def run(self, main: Callable[[Any], int]) -> NoReturn:
+        """`main(early_server)` returns the exit code."""
+        try:
+            self._exit.code = main(self.early_server)
+        except KeyboardInterrupt:
+            self._exit.code = 130  # what a shell expects of Ctrl-C
+            raise
+        raise SystemExit(self._exit.code)
 
 
 class ExitWithoutTeardown:
