@@ -26,6 +26,7 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.14.1 t
 COPY params.yaml prefect.yaml pyproject.toml ./
 COPY flows/ flows/
 COPY tasks/ tasks/
+COPY harv_train/ harv_train/
 
 # For docker-compose.yml: the Prefect server, worker and MLflow server images, plus the PostgreSQL
 # driver MLflow's database backend needs (Prefect's, asyncpg, is in the lock).

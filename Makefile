@@ -22,7 +22,7 @@ $(STAMP): requirements.lock pyproject.toml
 	@rm -f $(VENV)/.installed-* && touch $@
 
 demo-data: install
-	$(PY) -m tasks.demo_data $(DEMO_DATA)
+	$(PY) -m harv_train.demo_data $(DEMO_DATA)
 
 # ARGS: more options for the demo run, e.g. make demo ARGS=--resume
 demo: demo-data

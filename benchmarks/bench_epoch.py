@@ -9,7 +9,7 @@ seed, threads), alternating epoch by epoch so that a noisy neighbour slows all o
 - plain: ImageFolder + the seed's PIL transforms decoded every epoch, NCHW, a DataLoader with
   `--workers` processes, Adam over the trainable parameters, `model.train()` on the whole model;
   validation with a DataLoader and resize + normalize.
-- ours: `tasks.trainer.run_epoch` as the flow runs it (checkpoint load and save included).
+- ours: `harv_train.core.trainer.run_epoch` as the flow runs it (checkpoint load and save included).
 - floor: forward + backward + Adam step (the trainer's fused Adam) of the same network as the trainer runs it (channels_last,
   frozen prefix outside autograd with its BatchNorm folded) over ready-made tensors, as many images
   as one training epoch: what no data pipeline can beat. The same without the folding is reported
@@ -34,9 +34,9 @@ from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 from torchvision import datasets, transforms  # noqa: E402
 
-from tasks import trainer  # noqa: E402
-from tasks.config import load_config  # noqa: E402
-from tasks.freezing import (  # noqa: E402
+from harv_train.core import trainer  # noqa: E402
+from harv_train.config import load_config  # noqa: E402
+from harv_train.core.freezing import (  # noqa: E402
     forward_from,
     freeze_early_blocks,
     frozen_block_count,
@@ -44,8 +44,8 @@ from tasks.freezing import (  # noqa: E402
     fused_frozen_prefix,
     set_train_mode,
 )
-from tasks.models import build_model, model_spec  # noqa: E402
-from tasks.runtime import configure_threads  # noqa: E402
+from harv_train.core.models import build_model, model_spec  # noqa: E402
+from harv_train.core.runtime import configure_threads  # noqa: E402
 
 from bench_workdir import bench_workdir  # noqa: E402
 

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _measure(args: argparse.Namespace, work: Path) -> dict:
-    from tasks.demo_data import write_demo_dataset
+    from harv_train.demo_data import write_demo_dataset
 
     data = work / "data"
     write_demo_dataset(data)

@@ -2,9 +2,9 @@
 
     python flows/evaluate_flow.py --checkpoint PATH --data DIR/val [--out DIR] [--export] [--export-dir DIR]
 
-Writes the same report a training run writes (tasks/evaluation.py) to `--out` (default:
+Writes the same report a training run writes (harv_train/reporting/evaluation.py) to `--out` (default:
 ARTIFACTS_DIR/eval/ for a checkpoint in ARTIFACTS_DIR/checkpoints/), and with `--export` the
-TorchScript and ONNX files (tasks/export.py) to `--export-dir` (default ARTIFACTS_DIR/export/).
+TorchScript and ONNX files (harv_train/reporting/export.py) to `--export-dir` (default ARTIFACTS_DIR/export/).
 Also holds `evaluate_and_export_task`, the step the training flow runs after its last epoch.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # see flows/train_flow.py
 
-if __package__ in (None, ""):  # run as a script: make `tasks` importable from the repository root
+if __package__ in (None, ""):  # run as a script: make the project packages importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,12 +32,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--export", action="store_true", help="also export to TorchScript and ONNX")
     parser.add_argument("--export-dir", help="export directory (default: ARTIFACTS_DIR/export)")
     parser.add_argument("--latency-runs", type=int,
-                        help="timed runs per runtime for the CPU latency (default: tasks/export.py's LATENCY_RUNS)")
+                        help="timed runs per runtime for the CPU latency (default: harv_train/reporting/export.py LATENCY_RUNS)")
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":  # first: bad arguments answer at once; the server boots during the imports
-    from tasks.cli import FastCommand
+    from harv_train.cli.commands import FastCommand
 
     _command = FastCommand(parse_args)
 
@@ -46,14 +46,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
-from tasks import post_training
-from tasks.cli import run_flow_command
-from tasks.config import TrainConfig
-from tasks.errors import UserError
-from tasks.evaluation import check_class_folders, default_out_dir, evaluate_checkpoint, load_trained_model
-from tasks.export import LATENCY_RUNS, export_checkpoint
-from tasks.prefect_boot import EarlyServer, flow_server
-from tasks.runtime import configure_threads
+from harv_train.reporting import post_training
+from harv_train.cli.commands import run_flow_command
+from harv_train.config import TrainConfig
+from harv_train.errors import UserError
+from harv_train.reporting.evaluation import check_class_folders, default_out_dir, evaluate_checkpoint, load_trained_model
+from harv_train.reporting.export import LATENCY_RUNS, export_checkpoint
+from harv_train.cli.startup import EarlyServer, flow_server
+from harv_train.core.runtime import configure_threads
 
 
 def _log(message: str) -> None:

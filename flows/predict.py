@@ -12,12 +12,12 @@ import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `tasks` importable from the repository root
+if __package__ in (None, ""):  # run as a script: make the project packages importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.errors import UserError
-from tasks.predict import format_json, format_table, list_images, load_predictor, predict
-from tasks.runtime import configure_threads
+from harv_train.errors import UserError
+from harv_train.reporting.predict import format_json, format_table, list_images, load_predictor, predict
+from harv_train.core.runtime import configure_threads
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -19,7 +19,7 @@ from typing import Any
 # fails noisily (and can race the flow for its SQLite database). Opt back in by setting it.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-if __package__ in (None, ""):  # run as a script: make `tasks` importable from the repository root
+if __package__ in (None, ""):  # run as a script: make the project packages importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
@@ -37,8 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":  # first: bad arguments answer in 0.1 s; the server boots during the imports
-    from tasks.cli import FastCommand
-    from tasks.config import load_config, parse_override
+    from harv_train.cli.commands import FastCommand
+    from harv_train.config import load_config, parse_override
 
     _command = FastCommand(
         lambda: load_config((args := parse_args()).params, dict(map(parse_override, args.overrides))))
@@ -49,17 +49,17 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed
 
 from flows.evaluate_flow import evaluate_and_export_task
-from tasks import checkpoints as ckpt
-from tasks import trainer
-from tasks.cli import run_flow_command
-from tasks.config import TrainConfig, load_config, parse_override, write_params_file
-from tasks.distributed import launch_epoch
-from tasks.errors import UserError
-from tasks.locking import artifacts_lock
-from tasks.prefect_boot import EarlyServer, flow_server
-from tasks.runtime import configure_threads, resolve_device
-from tasks.reporting import epochs_markdown
-from tasks.tracking import MlflowTracker
+from harv_train.core import checkpoints as ckpt
+from harv_train.core import trainer
+from harv_train.cli.commands import run_flow_command
+from harv_train.config import TrainConfig, load_config, parse_override, write_params_file
+from harv_train.core.distributed import launch_epoch
+from harv_train.errors import UserError
+from harv_train.core.locking import artifacts_lock
+from harv_train.cli.startup import EarlyServer, flow_server
+from harv_train.core.runtime import configure_threads, resolve_device
+from harv_train.reporting.summary import epochs_markdown
+from harv_train.tracking.mlflow_tracker import MlflowTracker
 
 
 def _log(message: str) -> None:

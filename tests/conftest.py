@@ -22,7 +22,7 @@ import sys
 
 import pytest
 
-from tasks.config import load_config
+from harv_train.config import load_config
 from tests.images import write_image_folder
 
 
@@ -77,7 +77,7 @@ def prefect_server():
 def lock_held_elsewhere(artifacts_dir: str):
     """Another process holding the artifacts_dir lock, as a running training does; yields its Popen."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import time; from tasks.locking import artifacts_lock\n"
+        [sys.executable, "-c", "import time; from harv_train.core.locking import artifacts_lock\n"
          f"with artifacts_lock({artifacts_dir!r}):\n    print('locked', flush=True); time.sleep(60)"],
         cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True,
     )

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-from tasks.prefect_boot import free_port  # noqa: F401  one free-port picker for the project
+from harv_train.cli.startup import free_port  # noqa: F401  one free-port picker for the project
 
 BIN = Path(sys.executable).parent  # the venv's console scripts: prefect, mlflow
 

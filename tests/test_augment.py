@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-from tasks.augment import apply_augmentation, augment_batch, draw_augmentation, normalize
+from harv_train.core.augment import apply_augmentation, augment_batch, draw_augmentation, normalize
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tasks import trainer
-from tasks.config import VALID_KEYS, TrainConfig, config_from_mapping
-from tasks.data import load_dataset
-from tasks.errors import ConfigError, DataError
+from harv_train.core import trainer
+from harv_train.config import VALID_KEYS, TrainConfig, config_from_mapping
+from harv_train.core.data import load_dataset
+from harv_train.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -73,7 +73,7 @@ def test_a_10000x10000_jpeg_decodes_without_a_memory_blowup(tmp_path):
     probe = (
         "import resource, sys\n"
         "from pathlib import Path\n"
-        "from tasks.data import decode_image\n"
+        "from harv_train.core.data import decode_image\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "x = decode_image(Path(sys.argv[1]), 224, 'bilinear')\n"
         "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"

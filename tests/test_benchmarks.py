@@ -25,7 +25,7 @@ def test_epoch_benchmark_compares_plain_trainer_and_floor(tmp_path):
 
 
 def test_benchmark_dataset_is_an_imagefolder_of_photo_crops(tmp_path):
-    from tasks.data import scan_dataset
+    from harv_train.core.data import scan_dataset
 
     bench_epoch.write_benchmark_dataset(tmp_path / "bench", n_train=4, n_val=2)
     splits = scan_dataset(tmp_path / "bench")

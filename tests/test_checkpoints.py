@@ -7,8 +7,8 @@ import stat
 import pytest
 import torch
 
-from tasks import checkpoints as ckpt
-from tasks.errors import CheckpointError
+from harv_train.core import checkpoints as ckpt
+from harv_train.errors import CheckpointError
 
 STATE = {"model": {"w": torch.ones(3)}, "optimizer": {}, "scheduler": {}, "epoch": 2, "best_val_acc": 0.75,
          "classes": ["a", "b"], "params": {"lr": 0.1}}

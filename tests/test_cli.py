@@ -11,9 +11,9 @@ import pytest
 
 from conftest import lock_held_elsewhere
 from flows.train_flow import main
-from tasks import checkpoints as ckpt
-from tasks import trainer
-from tasks.config import write_params_file
+from harv_train.core import checkpoints as ckpt
+from harv_train.core import trainer
+from harv_train.config import write_params_file
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import VALID_KEYS, TrainConfig, config_from_mapping, load_config, parse_override
-from tasks.errors import ConfigError
+from harv_train.config import VALID_KEYS, TrainConfig, config_from_mapping, load_config, parse_override
+from harv_train.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 

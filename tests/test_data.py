@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.data import decode_image, decode_split, load_dataset, scan_dataset
-from tasks.errors import DataError
+from harv_train.core.data import decode_image, decode_split, load_dataset, scan_dataset
+from harv_train.errors import DataError
 from tests.images import write_image_folder
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from PIL import Image
 
-from tasks.data import scan_dataset
-from tasks.demo_data import write_demo_dataset
+from harv_train.core.data import scan_dataset
+from harv_train.demo_data import write_demo_dataset
 
 
 def test_demo_dataset_is_a_seeded_imagefolder_of_faces_and_background(tmp_path):

@@ -24,7 +24,7 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType
 from prefect.server.schemas.schedules import CronSchedule
 
-from tasks import checkpoints as ckpt
+from harv_train.core import checkpoints as ckpt
 from tests.images import write_image_folder
 from tests.servers import BIN, log_tail, free_port, prefect_env, prefect_server, running_server
 

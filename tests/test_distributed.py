@@ -10,12 +10,12 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from flows.train_flow import train_flow
-from tasks import checkpoints as ckpt
-from tasks import trainer
-from tasks.config import write_params_file
-from tasks.distributed import launch_epoch, torchrun_command
-from tasks.engine import Pipeline, evaluate, frozen_feature_batches
-from tasks.models import model_spec
+from harv_train.core import checkpoints as ckpt
+from harv_train.core import trainer
+from harv_train.config import write_params_file
+from harv_train.core.distributed import launch_epoch, torchrun_command
+from harv_train.core.engine import Pipeline, evaluate, frozen_feature_batches
+from harv_train.core.models import model_spec
 from tests.images import write_image_folder
 
 quiet = lambda _: None  # noqa: E731

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.evaluate_flow import main
 from flows.train_flow import train_flow
-from tasks.config import write_params_file
+from harv_train.config import write_params_file
 
 
 @pytest.mark.usefixtures("prefect_server")
@@ -54,7 +54,7 @@ def test_evaluate_command_writes_the_report_and_the_export(make_config, tmp_path
     ("other-classes", "only in the folder: bird, fish; only in the checkpoint: cat, dog"),
 ])
 def test_evaluate_command_bad_input_is_one_line(make_config, image_folder, tmp_path, capsys, case, expected):
-    from tasks import trainer
+    from harv_train.core import trainer
 
     cfg = make_config()
     trainer.start_run(cfg, ["cat", "dog"], None, lambda _: None)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.errors import CheckpointError, DataError
-from tasks.evaluation import Predictions, evaluate_checkpoint, load_eval_split, load_trained_model, worst_images
-from tasks.metrics import classification_metrics
+from harv_train.errors import CheckpointError, DataError
+from harv_train.reporting.evaluation import Predictions, evaluate_checkpoint, load_eval_split, load_trained_model, worst_images
+from harv_train.reporting.metrics import classification_metrics
 from tests.trained import shared_tiny
 
 # Hand-computed: classes a, b, c; true a a a b b c, predicted a a b b c c.
@@ -80,7 +80,7 @@ def test_report_files_agree_with_the_model(trained, tmp_path):
     state, model = load_trained_model(best)
     split = load_eval_split(state, f"{cfg.data_dir}/val", log=lambda _: None)
     with torch.no_grad():
-        from tasks.augment import normalize
+        from harv_train.core.augment import normalize
         pred = model(normalize(split.images, tuple(state["mean"]), tuple(state["std"]))).argmax(1)
     assert data["accuracy"] == pytest.approx(float((pred == split.labels).float().mean()))
     assert np.array(data["confusion_matrix"]).sum() == len(split) == report.metrics.total
@@ -128,8 +128,8 @@ def test_the_dataset_root_instead_of_its_val_split_says_which_to_pass(trained, t
 
 
 def test_learning_curves_take_the_epochs_after_the_best_from_last_pth(trained, tmp_path):
-    from tasks import checkpoints as ckpt
-    from tasks.evaluation import run_history
+    from harv_train.core import checkpoints as ckpt
+    from harv_train.reporting.evaluation import run_history
 
     _, best = trained
     state = ckpt.load_checkpoint(best)

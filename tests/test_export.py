@@ -9,11 +9,11 @@ import onnx
 import pytest
 import torch
 
-from tasks import export
-from tasks.augment import normalize
-from tasks.errors import ExportError
-from tasks.evaluation import load_eval_split, load_trained_model
-from tasks.trainer import load_model_from_checkpoint
+from harv_train.reporting import export
+from harv_train.core.augment import normalize
+from harv_train.errors import ExportError
+from harv_train.reporting.evaluation import load_eval_split, load_trained_model
+from harv_train.core.trainer import load_model_from_checkpoint
 from tests.trained import shared_tiny
 
 

@@ -12,11 +12,11 @@ from mlflow.tracking import MlflowClient
 
 from conftest import lock_held_elsewhere
 from flows.train_flow import train_flow
-from tasks import checkpoints as ckpt
-from tasks import trainer
-from tasks.config import write_params_file
-from tasks.errors import UserError
-from tasks.locking import artifacts_lock
+from harv_train.core import checkpoints as ckpt
+from harv_train.core import trainer
+from harv_train.config import write_params_file
+from harv_train.errors import UserError
+from harv_train.core.locking import artifacts_lock
 from tests.servers import free_port
 
 REPO = Path(__file__).resolve().parent.parent

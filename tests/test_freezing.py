@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tasks.freezing import (
+from harv_train.core.freezing import (
     forward_from,
     freeze_early_blocks,
     frozen_block_count,
@@ -14,7 +14,7 @@ from tasks.freezing import (
     set_train_mode,
     trainable_parameters,
 )
-from tasks.models import build_architecture
+from harv_train.core.models import build_architecture
 
 
 def test_freeze_ratio_counts_feature_blocks():

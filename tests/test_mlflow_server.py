@@ -10,9 +10,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from flows.train_flow import train_flow
-from tasks import checkpoints as ckpt
-from tasks import trainer
-from tasks.config import write_params_file
+from harv_train.core import checkpoints as ckpt
+from harv_train.core import trainer
+from harv_train.config import write_params_file
 from tests.images import write_image_folder
 from tests.servers import mlflow_server, stop
 

@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from tasks import checkpoints as ckpt
-from tasks.errors import WeightsError
-from tasks.freezing import freeze_early_blocks, frozen_block_count
-from tasks.models import (
+from harv_train.core import checkpoints as ckpt
+from harv_train.errors import WeightsError
+from harv_train.core.freezing import freeze_early_blocks, frozen_block_count
+from harv_train.core.models import (
     MODEL_SPECS,
     build_architecture,
     build_efficientnet_lite0_architecture,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from tasks import plots
+from harv_train.reporting import plots
 
 
 def test_long_class_names_stay_distinct_after_shortening():

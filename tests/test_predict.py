@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from flows.predict import main
-from tasks.export import export_checkpoint
+from harv_train.reporting.export import export_checkpoint
 from tests.trained import shared_tiny
 
 

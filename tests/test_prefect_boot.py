@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from tasks.prefect_boot import start_early_server
+from harv_train.cli.startup import start_early_server
 from tests.images import write_image_folder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ def _gone(pid: int) -> bool:
 def test_the_server_stops_when_its_process_is_killed(tmp_path):
     script = (
         "import os, signal\n"
-        "from tasks.prefect_boot import start_early_server\n"
+        "from harv_train.cli.startup import start_early_server\n"
         "server = start_early_server()\n"
         "print(server.process.pid, flush=True)\n"
         "assert server.wait_until_up()\n"

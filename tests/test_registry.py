@@ -1,4 +1,4 @@
-"""tasks.registry on a local SQLite tracking store, without Prefect: who gets the champion alias,
+"""harv_train.tracking.registry on a local SQLite tracking store, without Prefect: who gets the champion alias,
 what is recorded, and a registry failure that is recorded instead of raised."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tasks import registry
-from tasks.tracking import MlflowTracker
+from harv_train.tracking import registry
+from harv_train.tracking.mlflow_tracker import MlflowTracker
 from tests.servers import free_port
 
 

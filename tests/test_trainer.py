@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 
-from tasks import checkpoints as ckpt
-from tasks import trainer
-from tasks.early_stopping import EarlyStopping
-from tasks.errors import CheckpointError
+from harv_train.core import checkpoints as ckpt
+from harv_train.core import trainer
+from harv_train.core.early_stopping import EarlyStopping
+from harv_train.errors import CheckpointError
 
 quiet = lambda _: None  # noqa: E731
 

@@ -7,9 +7,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tasks import checkpoints as ckpt
-from tasks import trainer
-from tasks.config import TrainConfig, load_config
+from harv_train.core import checkpoints as ckpt
+from harv_train.core import trainer
+from harv_train.config import TrainConfig, load_config
 from tests.images import write_image_folder
 
 

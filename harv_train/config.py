@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from tasks.errors import ConfigError
+from harv_train.errors import ConfigError
 
 MODEL_NAMES = ("mobilenet_v3_small", "efficientnet_b0", "efficientnet_lite0")
 
@@ -123,12 +123,12 @@ class TrainConfig:
 
     @property
     def eval_dir(self) -> Path:
-        """The evaluation report of best_model.pth (tasks/post_training.py)."""
+        """The evaluation report of best_model.pth (harv_train/reporting/post_training.py)."""
         return Path(self.artifacts_dir) / "eval"
 
     @property
     def export_dir(self) -> Path:
-        """TorchScript and ONNX files of best_model.pth (tasks/post_training.py)."""
+        """TorchScript and ONNX files of best_model.pth (harv_train/reporting/post_training.py)."""
         return Path(self.artifacts_dir) / "export"
 
 

@@ -113,7 +113,7 @@ def register_and_promote(
     Safe to repeat (a resumed run): a model registered before is not registered again, and a
     decision is made once. Its inputs are tagged on the version before the alias moves and
     `promoted` is tagged last, so a run killed in between finishes the same decision."""
-    from tasks.tracking import log_summary
+    from harv_train.tracking.mlflow_tracker import log_summary
 
     ensure_registered_model(client, name)
     version = registered_version(client, name, model_uri)

@@ -11,13 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from tasks import checkpoints as ckpt
-from tasks import trainer
-from tasks.config import TrainConfig
-from tasks.evaluation import EvalReport, evaluate_checkpoint
-from tasks.export import ExportResult, export_model
-from tasks.runtime import configure_threads, resolve_device
-from tasks.tracking import MlflowTracker
+from harv_train.core import checkpoints as ckpt
+from harv_train.core import trainer
+from harv_train.config import TrainConfig
+from harv_train.reporting.evaluation import EvalReport, evaluate_checkpoint
+from harv_train.reporting.export import ExportResult, export_model
+from harv_train.core.runtime import configure_threads, resolve_device
+from harv_train.tracking.mlflow_tracker import MlflowTracker
 
 Log = Callable[[str], None]
 
@@ -51,7 +51,7 @@ def evaluate_and_export(cfg: TrainConfig, mlflow_run_id: str | None, log: Log = 
                                  split=val, log=log)
     exported = None
     if cfg.export:
-        from tasks.evaluation import load_trained_model
+        from harv_train.reporting.evaluation import load_trained_model
 
         state, model = load_trained_model(best)
         exported = export_model(model, state, val, cfg.export_dir, log=log)

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from tasks.errors import CheckpointError
-from tasks.failpoints import failpoint
+from harv_train.errors import CheckpointError
+from harv_train.core.failpoints import failpoint
 
 LAST = "last.pth"
 BEST = "best_model.pth"

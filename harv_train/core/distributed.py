@@ -2,9 +2,9 @@
 
 With `distributed.nproc_per_node x nnodes` > 1, the flow's epoch task calls `launch_epoch`, which runs
 
-    python -m torch.distributed.run --nproc_per_node N ... -m tasks.distributed --params P --epoch E
+    python -m torch.distributed.run --nproc_per_node N ... -m harv_train.core.distributed --params P --epoch E
 
-Each worker (`main` below) joins the process group, runs `tasks.trainer.run_epoch` as its rank, and
+Each worker (`main` below) joins the process group, runs `harv_train.core.trainer.run_epoch` as its rank, and
 exits; rank 0 writes the checkpoints, so the task reads the epoch's metrics back from `last.pth`.
 Who handles what: torchrun's `--max-restarts` (distributed.max_restarts) restarts all workers of the
 epoch when one dies, from the same last.pth; when those are used up torchrun exits non-zero, the
@@ -23,8 +23,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
-from tasks import checkpoints as ckpt
-from tasks.config import TrainConfig, load_config, write_params_file
+from harv_train.core import checkpoints as ckpt
+from harv_train.config import TrainConfig, load_config, write_params_file
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,7 +38,7 @@ def torchrun_command(cfg: TrainConfig, params_file: Path, epoch: int, run_id: st
     else:
         cmd += [f"--nnodes={d.nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={d.rdzv_endpoint}",
                 f"--rdzv_id={run_id}-epoch{epoch}"]
-    return cmd + ["-m", "tasks.distributed", "--params", str(params_file), "--epoch", str(epoch)]
+    return cmd + ["-m", "harv_train.core.distributed", "--params", str(params_file), "--epoch", str(epoch)]
 
 
 def launch_epoch(cfg: TrainConfig, epoch: int, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from tasks import trainer
-    from tasks.engine import World
+    from harv_train.core import trainer
+    from harv_train.core.engine import World
 
     parser = argparse.ArgumentParser(description="one data-parallel epoch (started by torchrun)")
     parser.add_argument("--params", required=True)

@@ -16,10 +16,10 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from tasks.augment import apply_augmentation, draw_augmentation, normalize
-from tasks.data import DecodedSplit
-from tasks.failpoints import failpoint
-from tasks.freezing import forward_from, frozen_features, set_train_mode
+from harv_train.core.augment import apply_augmentation, draw_augmentation, normalize
+from harv_train.core.data import DecodedSplit
+from harv_train.core.failpoints import failpoint
+from harv_train.core.freezing import forward_from, frozen_features, set_train_mode
 
 try:
     from tqdm import tqdm

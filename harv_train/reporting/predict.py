@@ -1,6 +1,6 @@
 """Classify image files with a checkpoint (.pth) or an exported model (.ts, .onnx + model.json).
 
-Each image is decoded exactly as in training and evaluation (tasks/data.decode_image: RGB, the
+Each image is decoded exactly as in training and evaluation (harv_train.core.data.decode_image: RGB, the
 model's resize filter, its img_size) and normalized with the model's mean and std, so a prediction
 here is what the evaluation report measured.
 """
@@ -15,9 +15,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from tasks.augment import normalize
-from tasks.data import IMG_EXTENSIONS, decode_image
-from tasks.errors import DataError, UserError
+from harv_train.core.augment import normalize
+from harv_train.core.data import IMG_EXTENSIONS, decode_image
+from harv_train.errors import DataError, UserError
 
 BATCH_SIZE = 32
 
@@ -38,7 +38,7 @@ def load_predictor(path: str | Path) -> Predictor:
     path = Path(path)
     if path.suffix in (".ts", ".onnx"):
         return _exported_predictor(path)
-    from tasks.evaluation import load_trained_model
+    from harv_train.reporting.evaluation import load_trained_model
 
     state, model = load_trained_model(path)
 
@@ -51,8 +51,8 @@ def load_predictor(path: str | Path) -> Predictor:
 
 
 def _exported_predictor(path: Path) -> Predictor:
-    from tasks.export import load_torchscript, onnx_session, read_model_card
-    from tasks.runtime import available_cores
+    from harv_train.reporting.export import load_torchscript, onnx_session, read_model_card
+    from harv_train.core.runtime import available_cores
 
     if not path.is_file():
         raise UserError(f"model {path} does not exist: export one with flows/evaluate_flow.py --export")

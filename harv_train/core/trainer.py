@@ -19,21 +19,21 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from tasks import checkpoints as ckpt
-from tasks.config import TrainConfig, flatten
-from tasks.data import DecodedSplit, load_dataset
-from tasks.early_stopping import EarlyStopping
-from tasks.engine import SINGLE, Pipeline, World, evaluate, frozen_feature_batches, train_one_epoch
-from tasks.errors import CheckpointError, UserError
-from tasks.freezing import (
+from harv_train.core import checkpoints as ckpt
+from harv_train.config import TrainConfig, flatten
+from harv_train.core.data import DecodedSplit, load_dataset
+from harv_train.core.early_stopping import EarlyStopping
+from harv_train.core.engine import SINGLE, Pipeline, World, evaluate, frozen_feature_batches, train_one_epoch
+from harv_train.errors import CheckpointError, UserError
+from harv_train.core.freezing import (
     forward_from,
     freeze_early_blocks,
     frozen_block_count,
     fused_frozen_prefix,
     trainable_parameters,
 )
-from tasks.models import build_architecture, build_model, format_parameter_counts, model_spec, resolve_weights_file
-from tasks.runtime import available_cores, configure_threads, epoch_seed, resolve_device, seed_everything
+from harv_train.core.models import build_architecture, build_model, format_parameter_counts, model_spec, resolve_weights_file
+from harv_train.core.runtime import available_cores, configure_threads, epoch_seed, resolve_device, seed_everything
 
 Log = Callable[[str], None]
 

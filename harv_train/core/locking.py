@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from tasks.errors import ArtifactsBusyError, UserError
+from harv_train.errors import ArtifactsBusyError, UserError
 
 _held: dict[str, tuple[int, int]] = {}  # resolved lock path -> (fd, depth)
 

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-from tasks.errors import ConfigError
+from harv_train.errors import ConfigError
 
 
 def resolve_device(name: str) -> torch.device:

@@ -25,7 +25,7 @@ from torch import nn
 from torchvision import models
 from torchvision.ops.misc import SqueezeExcitation
 
-from tasks.errors import WeightsError
+from harv_train.errors import WeightsError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -4,7 +4,7 @@
 `img_size` x `img_size` once (PIL, the model's pretraining filter), then kept as uint8 tensors in
 memory when the split fits in `cache_max_mb`; otherwise it is decoded again for every batch by a
 DataLoader with `num_workers` processes. Either way the batches are identical uint8 tensors; the
-random augmentation runs on them afterwards (tasks/augment.py).
+random augmentation runs on them afterwards (harv_train/core/augment.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from tasks.errors import DataError
+from harv_train.errors import DataError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 SPLITS = ("train", "val")
@@ -84,7 +84,7 @@ def scan_dataset(data_dir: str | Path, classes: Sequence[str] | None = None) -> 
     if not root.is_dir():
         raise DataError(
             f"data_dir {root} does not exist: put images in {root}/train/<class>/ and {root}/val/<class>/ "
-            "or set data_dir (python -m tasks.demo_data DIR writes an example)"
+            "or set data_dir (python -m harv_train.demo_data DIR writes an example)"
         )
     found: dict[str, list[str]] = {}
     for split in SPLITS:

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any, Callable, NoReturn
 
-from tasks.errors import UserError
+from harv_train.errors import UserError
 
 
 def run_flow_command(start: Callable[[], Any]) -> tuple[int, Any]:
@@ -43,7 +43,7 @@ def check_command_line(check: Callable[[], Any]) -> int | None:
 class FastCommand:
     """How a flow's command line starts and ends. Created first thing, before the heavy imports: it
     answers --help, usage errors and bad params at once (`check`), then starts Prefect's temporary
-    server so that it boots while the imports run (tasks/prefect_boot.py). `run(main)` then runs
+    server so that it boots while the imports run (harv_train/cli/startup.py). `run(main)` then runs
     the command and ends the process right after its exit hooks (ExitWithoutTeardown)."""
 
     def __init__(self, check: Callable[[], Any]) -> None:
@@ -52,7 +52,7 @@ class FastCommand:
         if code is not None:
             self._exit.code = code
             raise SystemExit(code)
-        from tasks.prefect_boot import start_early_server
+        from harv_train.cli.startup import start_early_server
 
         self.early_server = start_early_server()
 

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks import checkpoints as ckpt
-from tasks.augment import normalize
-from tasks.data import DecodedSplit, decode_split, scan_split
-from tasks.errors import CheckpointError, DataError
-from tasks.metrics import ClassificationMetrics, classification_metrics
-from tasks.trainer import load_model_from_checkpoint
+from harv_train.core import checkpoints as ckpt
+from harv_train.core.augment import normalize
+from harv_train.core.data import DecodedSplit, decode_split, scan_split
+from harv_train.errors import CheckpointError, DataError
+from harv_train.reporting.metrics import ClassificationMetrics, classification_metrics
+from harv_train.core.trainer import load_model_from_checkpoint
 
 Log = Callable[[str], None]
 
@@ -171,7 +171,7 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]])
 def write_report(out_dir: str | Path, state: dict[str, Any], predictions: Predictions,
                  source: dict[str, Any], history: list[dict[str, Any]] | None = None) -> EvalReport:
     """The report files; `history` (default: the checkpoint's own) draws the learning curves."""
-    from tasks import plots  # matplotlib is only imported by what draws
+    from harv_train.reporting import plots  # matplotlib is only imported by what draws
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.config import TrainConfig
+from harv_train.config import TrainConfig
 
 
 def epochs_markdown(

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from tasks.failpoints import failpoint
+from harv_train.core.failpoints import failpoint
 
 Log = Callable[[str], None]
 
@@ -198,8 +198,8 @@ class MlflowTracker:
 
     def register_model(self, name: str, model_uri: str, val_acc: float):
         """Register the run's logged model under `name`, moving `champion` only when it is better
-        (tasks.registry); returns the Registration, or None when it failed (recorded as a failure)."""
-        from tasks import registry
+        (harv_train.tracking.registry); returns the Registration, or None when it failed (recorded as a failure)."""
+        from harv_train.tracking import registry
 
         if not self.run_id:
             return None

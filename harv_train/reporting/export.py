@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.augment import normalize
-from tasks.data import DecodedSplit
-from tasks.errors import ExportError
+from harv_train.core.augment import normalize
+from harv_train.core.data import DecodedSplit
+from harv_train.errors import ExportError
 
 Log = Callable[[str], None]
 
@@ -245,7 +245,7 @@ def export_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: str
                       split: DecodedSplit | None = None, tolerance: float = TOLERANCE,
                       latency_runs: int = LATENCY_RUNS, log: Log = print) -> ExportResult:
     """Load `checkpoint`, take the parity images from `data_dir/<class>/*` (or `split`), export."""
-    from tasks.evaluation import load_eval_split, load_trained_model
+    from harv_train.reporting.evaluation import load_eval_split, load_trained_model
 
     state, model = load_trained_model(checkpoint)
     if split is None:

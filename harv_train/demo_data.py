@@ -1,4 +1,4 @@
-"""Write a small real dataset with no network: `python -m tasks.demo_data DIR`.
+"""Write a small real dataset with no network: `python -m harv_train.demo_data DIR`.
 
 scikit-image ships `skimage/data/lfw_subset.npy`: 200 grayscale 25x25 crops from Labeled Faces in
 the Wild, the first 100 faces and the last 100 non-face background crops. They become RGB JPEGs in
