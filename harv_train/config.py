@@ -1,24 +1,29 @@
 """The one typed, validated training configuration.
 
-`load_config(path, overrides)` reads params.yaml, applies `--set KEY=VALUE` overrides and returns a
-frozen `TrainConfig`. Every way a value can be wrong (unknown key, wrong type, out of range) becomes
-a one-line `ConfigError` that names the key, what it must be and how to fix it.
+`load_config(path, overrides)` reads params.yaml, applies `--set KEY=VALUE` overrides (or a
+`ParamOverrides` from the Prefect deployment form) and returns a frozen pydantic `TrainConfig`.
+Every way a value can be wrong (unknown key, wrong type, out of range) becomes a one-line
+`ConfigError` that names the key, what it must be and how to fix it. Each field carries its type,
+bounds and description in one place; the "must be" wording of its error is derived from them
+(`MustBe` where a type cannot say it). The keys are documented in docs/params.md.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Annotated, Any, Literal, Mapping, Optional, get_args, get_origin
 
+import annotated_types
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic.fields import FieldInfo
 
 from harv_train.errors import ConfigError
 
-MODEL_NAMES = ("mobilenet_v3_small", "efficientnet_b0", "efficientnet_lite0")
+ModelName = Literal["mobilenet_v3_small", "efficientnet_b0", "efficientnet_lite0"]
+MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -56,62 +61,167 @@ def flatten(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class DistributedConfig:
+class MustBe:
+    """The error wording of a field, next to it: `text` replaces what its type and bounds would say
+    (a string's pattern reads badly in an error), `note` is added in parentheses."""
+
+    text: str | None = None
+    note: str | None = None
+
+
+def _distinct(names: list[str]) -> list[str]:
+    if len(set(names)) != len(names):
+        raise ValueError("class names must be distinct")
+    return names
+
+
+# strict (below) refuses True, 2.5 and "3" for an int, and bool for a float (an int is still taken);
+# allow_inf_nan=False refuses NaN and inf.
+_STRICT = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+# Non-space as Python's str.strip() sees it: it also strips the separators \x1c-\x1f.
+NonEmptyStr = Annotated[str, Field(pattern=r"[^\s\x1c-\x1f]")]
+ClassName = Annotated[str, Field(pattern=r"^[^/]*[^/\s\x1c-\x1f][^/]*$")]  # a folder name: not blank, no '/'
+ClassList = Annotated[
+    list[ClassName], Field(min_length=2, json_schema_extra={"uniqueItems": True}), AfterValidator(_distinct)
+]
+
+
+class DistributedConfig(BaseModel):
     """Data-parallel training under torchrun; nproc_per_node x nnodes = 1 is the plain single process."""
 
-    nproc_per_node: int = 1
-    nnodes: int = 1
-    rdzv_endpoint: str = "127.0.0.1:29400"  # used when nnodes > 1; one node alone rendezvouses by itself
-    backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
-    max_restarts: int = 0  # torchrun restarts of all workers after a worker fails, below Prefect's retries
+    model_config = _STRICT
+
+    nproc_per_node: int = Field(
+        1, ge=1, le=1024, description="Processes per machine; more than 1 runs each epoch under torchrun."
+    )
+    nnodes: int = Field(1, ge=1, le=1024, description="Machines taking part.")
+    rdzv_endpoint: Annotated[str, MustBe("HOST:PORT")] = Field(
+        "127.0.0.1:29400",
+        pattern=r"^.+:[0-9]+$",
+        description="HOST:PORT of the c10d rendezvous, used when nnodes > 1 (one node rendezvouses by itself).",
+    )
+    backend: Annotated[Literal["auto", "gloo", "nccl"], MustBe("auto, gloo or nccl")] = Field(
+        "auto", description="Collective backend: auto (nccl on CUDA, gloo on CPU), gloo or nccl."
+    )
+    max_restarts: int = Field(
+        0, ge=0, le=100, description="Torchrun restarts of all workers of an epoch when one fails."
+    )
 
     @property
     def world_size(self) -> int:
         return self.nproc_per_node * self.nnodes
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(BaseModel):
+    """Every training parameter, validated; build it with `load_config` or `config_from_mapping`."""
+
+    model_config = _STRICT
+
     # The seed's keys, with its defaults.
-    model_name: str = "mobilenet_v3_small"
-    epochs: int = 3
-    batch_size: int = 16
-    lr: float = 0.0005
-    freeze_ratio: float = 0.7
-    seed: int = 42
-    img_size: int = 224
-    classes: list[str] | None = None
+    model_name: ModelName = Field(
+        "mobilenet_v3_small", description="Backbone: mobilenet_v3_small, efficientnet_b0 or efficientnet_lite0."
+    )
+    epochs: int = Field(3, ge=1, description="Number of training epochs.")
+    batch_size: int = Field(
+        16, ge=1, description="Training and validation batch size: the global batch, split across the processes."
+    )
+    lr: float = Field(0.0005, gt=0, description="Adam learning rate.")
+    freeze_ratio: float = Field(
+        0.7, ge=0, le=1, description="Fraction of the backbone's feature blocks to freeze (docs/params.md, Freezing)."
+    )
+    seed: int = Field(42, ge=0, description="Seeds the new head, shuffling, augmentation and dropout.")
+    img_size: int = Field(224, ge=32, le=1024, description="Images are resized to img_size x img_size pixels.")
+    classes: Annotated[ClassList | None, MustBe("null or a list of 2 or more distinct folder names")] = Field(
+        None, description="Class names, which must equal the class folder names; null takes the folders."
+    )
     # Where things live.
-    data_dir: str = "data/processed"
-    artifacts_dir: str = "artifacts"
+    data_dir: Annotated[NonEmptyStr, MustBe("a directory path")] = Field(
+        "data/processed", description="Directory holding train/<class>/ and val/<class>/."
+    )
+    artifacts_dir: Annotated[NonEmptyStr, MustBe("a directory path")] = Field(
+        "artifacts",
+        description="Directory of the run's outputs (checkpoints/, eval/, export/); one run at a time (a lock).",
+    )
     # Weights.
-    pretrained: bool = True
-    weights_path: str | None = None
+    pretrained: bool = Field(True, description="Start from ImageNet weights.")
+    weights_path: Annotated[NonEmptyStr | None, MustBe("null or a file path")] = Field(
+        None, description="A local ImageNet state dict for model_name, instead of torchvision's cache."
+    )
     # Optimisation.
-    weight_decay: float = 1e-4
-    early_stopping_patience: int = 5
-    lr_factor: float = 0.5
-    lr_patience: int = 3
-    min_lr: float = 1e-7
+    weight_decay: float = Field(1e-4, ge=0, description="Adam weight decay, on trainable parameters only.")
+    early_stopping_patience: Annotated[int, MustBe(note="0 turns early stopping off")] = Field(
+        5,
+        ge=0,
+        description="Stop after this many epochs without a better model (higher val accuracy, or equal with "
+        "lower val loss); 0 never stops.",
+    )
+    lr_factor: float = Field(
+        0.5, gt=0, lt=1, description="ReduceLROnPlateau (on val loss) multiplies the learning rate by this."
+    )
+    lr_patience: int = Field(
+        3, ge=0, description="Epochs without a lower val loss before ReduceLROnPlateau lowers the learning rate."
+    )
+    min_lr: float = Field(1e-7, ge=0, description="ReduceLROnPlateau never lowers the learning rate below this.")
     # Orchestration and hardware.
-    epoch_retries: int = 2
-    device: str = "auto"
-    num_workers: int = 2
-    threads: int = 0
-    channels_last: bool = True
-    cache_max_mb: int = 2048
-    skip_bad_images: bool = False
-    # After training: export the best model to TorchScript and ONNX (the evaluation always runs).
-    export: bool = True
+    epoch_retries: int = Field(
+        2, ge=0, le=100, description="Prefect retries of a failed epoch task; each restarts the epoch from last.pth."
+    )
+    device: Annotated[str, MustBe("auto, cpu, cuda or cuda:N")] = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda|cuda:[0-9]+)$",
+        description="Torch device: auto (CUDA when present, else CPU), cpu, cuda or cuda:N.",
+    )
+    num_workers: int = Field(
+        2, ge=0, description="Decoding processes, used only when the images do not fit cache_max_mb."
+    )
+    threads: Annotated[int, MustBe(note="0 uses every available core")] = Field(
+        0, ge=0, description="Torch compute threads; 0 uses every core the process may run on."
+    )
+    channels_last: bool = Field(True, description="NHWC memory layout (1.3-1.6x faster convolutions on CPU).")
+    cache_max_mb: Annotated[int, MustBe(note="0 never caches")] = Field(
+        2048,
+        ge=0,
+        description="Decoded images of a split are kept in memory up to this many MiB, else decoded per batch.",
+    )
+    skip_bad_images: bool = Field(
+        False, description="Log and skip unreadable images (counted in MLflow) instead of stopping."
+    )
+    export: bool = Field(
+        True,
+        description="After training, export the best model to TorchScript and ONNX (ARTIFACTS_DIR/export/); "
+        "the evaluation report is always written.",
+    )
     # Tracking.
-    mlflow_tracking_uri: str = "sqlite:///mlflow.db"
-    mlflow_experiment: str = "harv-train"
-    registered_model_name: str | None = None
+    mlflow_tracking_uri: Annotated[NonEmptyStr, MustBe("a tracking URI such as sqlite:///mlflow.db")] = Field(
+        "sqlite:///mlflow.db", description="Any MLflow tracking URI: a SQLite file or http://host:port."
+    )
+    mlflow_experiment: Annotated[NonEmptyStr, MustBe("an experiment name")] = Field(
+        "harv-train", description="MLflow experiment name."
+    )
+    registered_model_name: Annotated[NonEmptyStr | None, MustBe("null or a model name")] = Field(
+        None,
+        description="Register the best model under this name (alias champion moves to it only when its val "
+        "accuracy is higher); null does not register.",
+    )
     # Beyond one process.
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig,
+        description="Data-parallel training under torchrun; nproc_per_node x nnodes = 1 is the plain single process.",
+    )
+
+    @model_validator(mode="after")
+    def _batch_splits_evenly(self) -> TrainConfig:
+        world = self.distributed.world_size
+        if self.batch_size % world:
+            raise ValueError(
+                f"batch_size {self.batch_size} must be divisible by the {world} processes of distributed "
+                "(nproc_per_node x nnodes): it is the global batch, split evenly across them"
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain values (distributed as a dict), safe for JSON, YAML and checkpoints."""
+        return self.model_dump()
 
     def flat_dict(self) -> dict[str, Any]:
         """Nested sections as dotted keys (`distributed.nproc_per_node`): MLflow params are flat."""
@@ -132,93 +242,138 @@ class TrainConfig:
         return Path(self.artifacts_dir) / "export"
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+VALID_KEYS = tuple(TrainConfig.model_fields)
+_DISTRIBUTED_KEYS = tuple(DistributedConfig.model_fields)
 
 
-def _is_number(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
-
-
-def _is_device(v: Any) -> bool:
-    if not isinstance(v, str):
-        return False
-    if v in ("auto", "cpu", "cuda"):
-        return True
-    return v.startswith("cuda:") and v[5:].isdigit()
-
-
-def _is_class_list(v: Any) -> bool:
-    return (
-        v is None
-        or isinstance(v, list)
-        and len(v) >= 2
-        and all(isinstance(c, str) and c.strip() and "/" not in c for c in v)
-        and len(set(v)) == len(v)
-    )
-
-
-def _nonempty_str(v: Any) -> bool:
-    return isinstance(v, str) and bool(v.strip())
-
-
-# key -> (check, what the value must be). The check sees the raw YAML value.
-_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "model_name": (lambda v: v in MODEL_NAMES, "one of " + ", ".join(MODEL_NAMES)),
-    "epochs": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "lr": (lambda v: _is_number(v) and v > 0, "a number > 0"),
-    "freeze_ratio": (lambda v: _is_number(v) and 0 <= v <= 1, "a number from 0 to 1"),
-    "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "img_size": (lambda v: _is_int(v) and 32 <= v <= 1024, "an integer from 32 to 1024"),
-    "classes": (_is_class_list, "null or a list of 2 or more distinct folder names"),
-    "data_dir": (_nonempty_str, "a directory path"),
-    "artifacts_dir": (_nonempty_str, "a directory path"),
-    "pretrained": (lambda v: isinstance(v, bool), "true or false"),
-    "weights_path": (lambda v: v is None or _nonempty_str(v), "null or a file path"),
-    "weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "early_stopping_patience": (
-        lambda v: _is_int(v) and v >= 0,
-        "an integer >= 0 (0 turns early stopping off)",
-    ),
-    "lr_factor": (lambda v: _is_number(v) and 0 < v < 1, "a number between 0 and 1 (exclusive)"),
-    "lr_patience": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "min_lr": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "epoch_retries": (lambda v: _is_int(v) and 0 <= v <= 100, "an integer from 0 to 100"),
-    "device": (_is_device, "auto, cpu, cuda or cuda:N"),
-    "num_workers": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "threads": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 uses every available core)"),
-    "channels_last": (lambda v: isinstance(v, bool), "true or false"),
-    "cache_max_mb": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 never caches)"),
-    "skip_bad_images": (lambda v: isinstance(v, bool), "true or false"),
-    "export": (lambda v: isinstance(v, bool), "true or false"),
-    "mlflow_tracking_uri": (_nonempty_str, "a tracking URI such as sqlite:///mlflow.db"),
-    "mlflow_experiment": (_nonempty_str, "an experiment name"),
-    "registered_model_name": (lambda v: v is None or _nonempty_str(v), "null or a model name"),
+_RANGE_WORDING = {
+    (): "",
+    ("ge",): " >= {ge}",
+    ("gt",): " > {gt}",
+    ("ge", "le"): " from {ge} to {le}",
+    ("gt", "lt"): " between {gt} and {lt} (exclusive)",
 }
 
-_DISTRIBUTED_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "nproc_per_node": (lambda v: _is_int(v) and 1 <= v <= 1024, "an integer from 1 to 1024"),
-    "nnodes": (lambda v: _is_int(v) and 1 <= v <= 1024, "an integer from 1 to 1024"),
-    "rdzv_endpoint": (
-        lambda v: isinstance(v, str) and v.rpartition(":")[0] != "" and v.rpartition(":")[2].isdigit(),
-        "HOST:PORT",
-    ),
-    "backend": (lambda v: v in ("auto", "gloo", "nccl"), "auto, gloo or nccl"),
-    "max_restarts": (lambda v: _is_int(v) and 0 <= v <= 100, "an integer from 0 to 100"),
+
+def _number_range(info: FieldInfo) -> str:
+    bounds = {}
+    for m in info.metadata:
+        if isinstance(m, (annotated_types.Ge, annotated_types.Gt, annotated_types.Le, annotated_types.Lt)):
+            name = type(m).__name__.lower()  # Ge(ge=1) -> "ge"
+            bounds[name] = getattr(m, name)
+    form = _RANGE_WORDING.get(tuple(sorted(bounds)))
+    if form is not None:
+        return form.format(**bounds)
+    raise TypeError(f"no wording for the bounds {bounds}: give the field a MustBe")
+
+
+def _must_be(key: str, info: FieldInfo) -> str:
+    """What a value of this field must be, for "KEY must be ..., got VALUE"."""
+    say = next((m for m in info.metadata if isinstance(m, MustBe)), MustBe())
+    kind = info.annotation
+    if say.text:
+        text = say.text
+    elif kind is bool:
+        text = "true or false"
+    elif kind is int:
+        text = "an integer" + _number_range(info)
+    elif kind is float:
+        text = "a number" + _number_range(info)
+    elif get_origin(kind) is Literal:
+        text = "one of " + ", ".join(get_args(kind))
+    elif isinstance(kind, type) and issubclass(kind, BaseModel):
+        text = "a mapping with keys " + ", ".join(kind.model_fields)
+    else:
+        raise TypeError(f"{key}: no wording for {kind}: give the field a MustBe")
+    return f"{text} ({say.note})" if say.note else text
+
+
+# Derived from the fields at import: a field without a wording fails here, not in a user's run.
+_WORDING = {key: _must_be(key, info) for key, info in TrainConfig.model_fields.items()} | {
+    f"distributed.{key}": _must_be(key, info) for key, info in DistributedConfig.model_fields.items()
 }
-_RULES["distributed"] = (
-    lambda v: isinstance(v, Mapping),
-    "a mapping with keys " + ", ".join(_DISTRIBUTED_RULES),
+
+
+def _optional_fields(model: type[BaseModel], swap: dict[type, type]) -> dict[str, Any]:
+    """Every field of `model` as `T | None = None`, with its bounds, pattern and description."""
+    fields = {}
+    for key, info in model.model_fields.items():
+        kind = swap.get(info.annotation, info.annotation)
+        if info.metadata:
+            kind = Annotated[(kind, *info.metadata)]
+        fields[key] = (Optional[kind], Field(None, description=info.description))
+    return fields
+
+
+_OVERRIDES = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+DistributedOverrides = create_model(
+    "DistributedOverrides",
+    __config__=_OVERRIDES,
+    __doc__="Keys of distributed to override; a key left empty (None) keeps params_file's value.",
+    __module__=__name__,
+    **_optional_fields(DistributedConfig, {}),
+)
+# For the Prefect deployment form: None means "take the value from params_file". So the form cannot
+# set classes (or weights_path, registered_model_name) to null: that is done in params.yaml or with
+# --set classes=null, whose plain-mapping path keeps an explicit None.
+ParamOverrides = create_model(
+    "ParamOverrides",
+    __config__=_OVERRIDES,
+    __doc__="Params to override for one run; a key left empty (None) keeps params_file's value.",
+    __module__=__name__,
+    **_optional_fields(TrainConfig, {DistributedConfig: DistributedOverrides}),
 )
 
-VALID_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
-assert set(_RULES) == set(VALID_KEYS), "every TrainConfig field needs a validation rule"
+
+def overrides_mapping(overrides: ParamOverrides | Mapping[str, Any] | None) -> dict[str, Any]:
+    """What load_config applies: a mapping as given (an explicit None stays), or the keys set in a
+    ParamOverrides (not None), distributed as a nested dict."""
+    if overrides is None:
+        return {}
+    if isinstance(overrides, ParamOverrides):
+        values = overrides.model_dump(exclude_none=True)
+        if values.get("distributed") == {}:
+            del values["distributed"]
+        return values
+    if isinstance(overrides, Mapping):
+        return dict(overrides)
+    raise ConfigError(
+        f"overrides must be a mapping of params or a ParamOverrides, got {type(overrides).__name__}"
+    )
 
 
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _unknown(keys: Any, known: tuple[str, ...]) -> list[str]:
+    return sorted(repr(k) for k in keys if k not in known)  # repr: a key may hold a newline
+
+
+def _explain(exc: ValidationError, raw: Mapping[str, Any], source: str) -> ConfigError:
+    """One problem of a ValidationError, the first as the file reads: top-level keys in the mapping's
+    order, then distributed (unknown keys, then values), then the cross-field rule."""
+    errors = exc.errors()
+    section = raw.get("distributed")
+    in_section = [e for e in errors if len(e["loc"]) > 1 and e["loc"][0] == "distributed"]
+    top = [e for e in errors if e["loc"] and e not in in_section]
+    if top:
+        key = min((e["loc"][0] for e in top), key=list(raw).index)
+        return ConfigError(f"{source}: {key} must be {_WORDING[key]}, got {_short(raw[key])}")
+    if in_section:
+        unknown = _unknown(section, _DISTRIBUTED_KEYS)
+        if unknown:
+            return ConfigError(
+                f"{source}: unknown key(s) {', '.join(unknown)} in distributed; valid keys are: "
+                + ", ".join(_DISTRIBUTED_KEYS)
+            )
+        key = min((e["loc"][1] for e in in_section), key=list(section).index)
+        return ConfigError(
+            f"{source}: distributed.{key} must be {_WORDING[f'distributed.{key}']}, got {_short(section[key])}"
+        )
+    error = errors[0]  # a model validator's ValueError: its text is the message
+    return ConfigError(f"{source}: {error.get('ctx', {}).get('error', error['msg'])}")
 
 
 def config_from_mapping(raw: Mapping[str, Any], source: str = "params") -> TrainConfig:
@@ -228,45 +383,18 @@ def config_from_mapping(raw: Mapping[str, Any], source: str = "params") -> Train
             f"{source} must be a mapping of `key: value` lines, got {type(raw).__name__}: "
             "see params.yaml in the repository for the format"
         )
-    unknown = sorted(repr(k) for k in raw if k not in _RULES)  # repr: a key may hold a newline
+    unknown = _unknown(raw, VALID_KEYS)
     if unknown:
         raise ConfigError(
             f"{source}: unknown key(s) {', '.join(unknown)}; valid keys are: {', '.join(VALID_KEYS)}"
         )
-    for key, value in raw.items():
-        check, expected = _RULES[key]
-        if not check(value):
-            raise ConfigError(f"{source}: {key} must be {expected}, got {_short(value)}")
     values = dict(raw)
-    if "distributed" in values:
-        values["distributed"] = _distributed_from_mapping(values["distributed"], source)
-    for key in ("lr", "freeze_ratio", "weight_decay", "lr_factor", "min_lr"):
-        if key in values:
-            values[key] = float(values[key])
-    if values.get("classes") is not None:
-        values["classes"] = list(values["classes"])
-    cfg = TrainConfig(**values)
-    world = cfg.distributed.world_size
-    if cfg.batch_size % world:
-        raise ConfigError(
-            f"{source}: batch_size {cfg.batch_size} must be divisible by the {world} processes of distributed "
-            "(nproc_per_node x nnodes): it is the global batch, split evenly across them"
-        )
-    return cfg
-
-
-def _distributed_from_mapping(raw: Mapping[str, Any], source: str) -> DistributedConfig:
-    unknown = sorted(repr(k) for k in raw if k not in _DISTRIBUTED_RULES)
-    if unknown:
-        raise ConfigError(
-            f"{source}: unknown key(s) {', '.join(unknown)} in distributed; valid keys are: "
-            + ", ".join(_DISTRIBUTED_RULES)
-        )
-    for key, value in raw.items():
-        check, expected = _DISTRIBUTED_RULES[key]
-        if not check(value):
-            raise ConfigError(f"{source}: distributed.{key} must be {expected}, got {_short(value)}")
-    return DistributedConfig(**raw)
+    if isinstance(values.get("distributed"), Mapping):
+        values["distributed"] = dict(values["distributed"])
+    try:
+        return TrainConfig.model_validate(values)
+    except ValidationError as exc:
+        raise _explain(exc, values, source) from None
 
 
 def read_params_file(path: str | Path) -> dict[str, Any]:
@@ -314,13 +442,17 @@ def _is_section_key(key: Any) -> bool:
 
 def load_config(
     params_path: str | Path | None = "params.yaml",
-    overrides: Mapping[str, Any] | None = None,
+    overrides: ParamOverrides | Mapping[str, Any] | None = None,
 ) -> TrainConfig:
-    """params.yaml (optional) + overrides -> validated TrainConfig."""
+    """params.yaml (optional) + overrides -> validated TrainConfig.
+
+    `overrides` is a mapping (`--set` values, `distributed.KEY` for one key of the section) or a
+    ParamOverrides; a `distributed` mapping is merged into the file's section key by key."""
     raw: dict[str, Any] = {} if params_path is None else read_params_file(params_path)
     source = "params" if params_path is None else str(params_path)
+    overrides = overrides_mapping(overrides)
     if overrides:
-        bad = sorted(repr(k) for k in overrides if k not in _RULES and not _is_section_key(k))
+        bad = sorted(repr(k) for k in overrides if k not in VALID_KEYS and not _is_section_key(k))
         if bad:
             raise ConfigError(
                 f"--set: unknown key(s) {', '.join(bad)}; valid keys are: {', '.join(VALID_KEYS)}"
@@ -328,9 +460,11 @@ def load_config(
             )
         for key, value in overrides.items():
             if _is_section_key(key):  # distributed.nproc_per_node=2 sets one key of the section
-                section, _, sub = key.partition(".")
-                current = raw.get(section)
-                raw[section] = {**(current if isinstance(current, Mapping) else {}), sub: value}
+                key, _, sub = key.partition(".")
+                value = {sub: value}
+            if key == "distributed" and isinstance(value, Mapping):
+                current = raw.get(key)
+                raw[key] = {**(current if isinstance(current, Mapping) else {}), **value}
             else:
                 raw[key] = value
         source += " with --set overrides"
@@ -345,10 +479,15 @@ def write_params_file(cfg: TrainConfig, path: str | Path) -> None:
 __all__ = [
     "MODEL_NAMES",
     "DistributedConfig",
+    "DistributedOverrides",
+    "MustBe",
+    "ParamOverrides",
     "TrainConfig",
     "VALID_KEYS",
     "config_from_mapping",
+    "flatten",
     "load_config",
+    "overrides_mapping",
     "parse_override",
     "read_params_file",
     "write_params_file",
