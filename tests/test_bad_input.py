@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from harv_train.core import trainer
-from harv_train.config import VALID_KEYS, TrainConfig, config_from_mapping
+from harv_train.config import VALID_KEYS, DistributedConfig, TrainConfig, config_from_mapping
 from harv_train.core.data import load_dataset
 from harv_train.errors import ConfigError, DataError
 
@@ -22,8 +22,10 @@ yaml_scalars = st.one_of(
     st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=20),
 )
+# Nested mappings use distributed's keys too, so its section gets values to check, not only unknown keys.
+section_keys = st.one_of(st.sampled_from(tuple(DistributedConfig.model_fields)), st.text(max_size=8))
 yaml_values = st.recursive(yaml_scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+                           | st.dictionaries(section_keys, inner, max_size=3), max_leaves=8)
 keys = st.one_of(st.sampled_from(VALID_KEYS), st.text(max_size=12))
 
 
@@ -37,6 +39,7 @@ def test_any_mapping_either_validates_or_gives_a_one_line_error(raw):
         assert message and "\n" not in message
     else:
         assert isinstance(cfg, TrainConfig)
+        assert config_from_mapping(cfg.to_dict()) == cfg  # what a run writes to params.yaml reads back
 
 
 @settings(max_examples=100, deadline=None)
