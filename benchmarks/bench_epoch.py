@@ -9,7 +9,7 @@ seed, threads), alternating epoch by epoch so that a noisy neighbour slows all o
 - plain: ImageFolder + the seed's PIL transforms decoded every epoch, NCHW, a DataLoader with
   `--workers` processes, Adam over the trainable parameters, `model.train()` on the whole model;
   validation with a DataLoader and resize + normalize.
-- ours: `harv_train.core.trainer.run_epoch` as the flow runs it (checkpoint load and save included).
+- ours: `TrainingSession.train_epoch` as the flow runs it (the checkpoint commit included).
 - floor: forward + backward + Adam step (the trainer's fused Adam) of the same network as the trainer runs it (channels_last,
   frozen prefix outside autograd with its BatchNorm folded) over ready-made tensors, as many images
   as one training epoch: what no data pipeline can beat. The same without the folding is reported
@@ -34,7 +34,6 @@ from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 from torchvision import datasets, transforms  # noqa: E402
 
-from harv_train.core import trainer  # noqa: E402
 from harv_train.config import load_config  # noqa: E402
 from harv_train.core.freezing import (  # noqa: E402
     forward_from,
@@ -45,7 +44,9 @@ from harv_train.core.freezing import (  # noqa: E402
     set_train_mode,
 )
 from harv_train.core.models import build_model, model_spec  # noqa: E402
+from harv_train.core.run_state import build_optimizer  # noqa: E402
 from harv_train.core.runtime import configure_threads  # noqa: E402
+from harv_train.core.session import TrainingSession  # noqa: E402
 
 from bench_workdir import bench_workdir  # noqa: E402
 
@@ -129,7 +130,7 @@ class ComputeFloor:
         freeze_early_blocks(self.model, self.n_frozen)
         self.model.to(memory_format=torch.channels_last)
         self.prefix = fused_frozen_prefix(self.model, self.n_frozen) if fused and self.n_frozen else None
-        self.optimizer = trainer.build_optimizer(cfg, self.model)  # the trainer's own: same update, same kernel
+        self.optimizer = build_optimizer(cfg, self.model)  # the run's own: same update, same kernel
         self.batches = [
             (torch.randn(min(cfg.batch_size, n_images - i), 3, cfg.img_size, cfg.img_size)
              .contiguous(memory_format=torch.channels_last),
@@ -177,14 +178,14 @@ def _measure(args: argparse.Namespace, work: Path) -> dict:
         "artifacts_dir": str(work / "artifacts"), "early_stopping_patience": 0,
     })
     threads = configure_threads(cfg.threads)
-    quiet = lambda _: None  # noqa: E731
 
+    session = TrainingSession(cfg)
     start = time.perf_counter()
-    splits = trainer.load_data(cfg, quiet)
+    splits = session.splits()
     decode_s = time.perf_counter() - start
     classes = splits["train"].classes
     n_train, n_val = len(splits["train"]), len(splits["val"])
-    trainer.start_run(cfg, classes, None, quiet)
+    session.start(None)
     plain = PlainLoop(cfg, classes, args.workers)
     floor = ComputeFloor(cfg, classes, n_train, fused=True)
     plain_floor = ComputeFloor(cfg, classes, n_train, fused=False)
@@ -193,8 +194,8 @@ def _measure(args: argparse.Namespace, work: Path) -> dict:
     for epoch in range(args.epochs):
         p_train, p_val, p_acc = plain.epoch()
         start = time.perf_counter()
-        ours = trainer.run_epoch(cfg, epoch, quiet, progress=False)
-        ours_wall = time.perf_counter() - start  # train + val + checkpoint load and save
+        ours = session.train_epoch(epoch, progress=False).to_dict()
+        ours_wall = time.perf_counter() - start  # train + val + checkpoint commit
         f = floor.epoch()
         f_plain = plain_floor.epoch()
         rows.append({"plain_train_s": p_train, "plain_val_s": p_val, "plain_val_acc": p_acc,

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from harv_train.core import trainer
+from tests.trained import train_epochs
 from harv_train.config import VALID_KEYS, DistributedConfig, TrainConfig, config_from_mapping
 from harv_train.core.data import load_dataset
 from harv_train.errors import ConfigError, DataError
@@ -63,10 +63,8 @@ def test_a_class_with_a_single_image_trains(make_config, tmp_path):
 
     data = write_image_folder(tmp_path / "single", n_train=1, n_val=1)
     cfg = make_config(data_dir=str(data), epochs=1, batch_size=16)
-    splits = trainer.load_data(cfg, lambda _: None)
-    trainer.start_run(cfg, splits["train"].classes, None, lambda _: None)
-    metrics = trainer.run_epoch(cfg, 0, lambda _: None, progress=False)
-    assert metrics["train_batches"] == 1 and 0 <= metrics["val_acc"] <= 1
+    [metrics] = train_epochs(cfg)
+    assert metrics.train_batches == 1 and 0 <= metrics.val_acc <= 1
 
 
 def test_a_10000x10000_jpeg_decodes_without_a_memory_blowup(tmp_path):

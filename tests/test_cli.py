@@ -12,8 +12,8 @@ import pytest
 from conftest import lock_held_elsewhere
 from flows.train_flow import main
 from harv_train.core import checkpoints as ckpt
-from harv_train.core import trainer
 from harv_train.config import write_params_file
+from tests.trained import start_run, train_epochs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -80,7 +80,7 @@ def test_pretrained_weights_unavailable_offline(make_config, tmp_path, capsys, m
 
 def test_resume_with_another_model_is_refused(make_config, tmp_path, capsys):
     cfg = make_config(epochs=1)
-    trainer.start_run(cfg, ["cat", "dog"], None, lambda _: None)
+    start_run(cfg)
     code, err = _cli(make_config(model_name="efficientnet_lite0"), tmp_path, capsys, "--resume")
     _assert_one_line_error(code, err, "was trained as mobilenet_v3_small")
 
@@ -92,8 +92,7 @@ def test_resume_without_a_checkpoint(make_config, tmp_path, capsys):
 
 def test_a_failed_run_never_loses_the_earlier_best_model(make_config, image_folder, tmp_path, capsys):
     cfg = make_config(epochs=1)
-    trainer.start_run(cfg, ["cat", "dog"], None, lambda _: None)
-    trainer.run_epoch(cfg, 0, lambda _: None, progress=False)
+    train_epochs(cfg)
     best = cfg.checkpoints_dir / ckpt.BEST
     before = best.read_bytes()
     (image_folder / "val" / "cat" / "broken.jpg").write_bytes(b"")
@@ -129,3 +128,4 @@ def test_help_and_usage_errors_answer_with_argparse_codes_before_any_server(scri
                             text=True, timeout=120)
     assert result.returncode == code, result.stderr
     assert "Prefect" not in result.stdout + result.stderr
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import numpy as np
@@ -74,11 +75,12 @@ def test_every_unreadable_image_is_counted_in_the_one_error(image_folder):
         load_dataset(image_folder, None, 32, "bilinear", 64)
 
 
-def test_bad_images_can_be_skipped_and_are_reported(image_folder):
+def test_bad_images_can_be_skipped_and_are_reported(image_folder, caplog):
     (image_folder / "train" / "cat" / "empty.jpg").write_bytes(b"")
     (image_folder / "val" / "dog" / "text.png").write_text("hello")
-    logged: list[str] = []
-    splits = load_dataset(image_folder, None, 32, "bilinear", 64, skip_bad_images=True, log=logged.append)
+    with caplog.at_level(logging.INFO, logger="harv_train"):
+        splits = load_dataset(image_folder, None, 32, "bilinear", 64, skip_bad_images=True)
+    logged = caplog.messages
     assert len(splits["train"]) == 16 and len(splits["val"]) == 8
     assert [p.split("/")[-1] for p in splits["train"].skipped + splits["val"].skipped] == ["empty.jpg", "text.png"]
     assert [m.startswith("skipping unreadable image") and "skip_bad_images" not in m for m in logged] == [True, True]

@@ -89,7 +89,8 @@ def test_triggered_run_completes_on_a_process_worker_with_checkpoints_and_mlflow
     mlflow.create_experiment("deployment-test", artifact_location=(tmp_path / "mlartifacts").as_uri())
     with SyncPrefectClient(api_url) as client:
         deployment = client.read_deployment_by_name("train/nightly-train")
-        run = client.create_flow_run_from_deployment(deployment.id, parameters={"overrides": overrides})
+        run = client.create_flow_run_from_deployment(
+            deployment.id, parameters={"params_file": None, "overrides": overrides})  # no base file: classes null stays
 
     # One poll of the pool: the worker submits the run, waits for it to finish, then exits.
     worker = subprocess.run(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 
@@ -11,23 +12,21 @@ from mlflow.tracking import MlflowClient
 
 from flows.train_flow import train_flow
 from harv_train.core import checkpoints as ckpt
-from harv_train.core import trainer
 from harv_train.config import write_params_file
 from harv_train.core.distributed import launch_epoch, torchrun_command
 from harv_train.core.engine import Pipeline, evaluate, frozen_feature_batches
 from harv_train.core.models import model_spec
+from harv_train.core.session import TrainingSession
 from tests.images import write_image_folder
-
-quiet = lambda _: None  # noqa: E731
-
+from tests.trained import start_run
 
 def _evaluate_single_process(cfg, checkpoint):
     """Val loss and accuracy of a checkpoint, computed by one process over the whole val set."""
     state = ckpt.load_checkpoint(checkpoint)
-    model = trainer.load_model_from_checkpoint(state)
+    model = ckpt.load_model_from_checkpoint(state)
     spec = model_spec(cfg.model_name)
     pipeline = Pipeline(spec.mean, spec.std, torch.device("cpu"), channels_last=False)
-    split = trainer.load_data(cfg, quiet)["val"]
+    split = TrainingSession(cfg).splits()["val"]
     result = evaluate(model, state["n_frozen"], frozen_feature_batches(model, state["n_frozen"], split, 4, pipeline))
     return result.loss, result.acc
 
@@ -39,12 +38,12 @@ def test_two_processes_train_one_run_with_one_checkpoint_set(make_config, tmp_pa
     state = train_flow(params_file=str(params), return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
-    assert [m["epoch"] for m in summary["history"]] == [1, 2]
+    assert [m.epoch for m in summary.history] == [1, 2]
     assert sorted(p.name for p in cfg.checkpoints_dir.glob("*.pth")) == [ckpt.BEST, ckpt.FINAL, ckpt.LAST]
     client = MlflowClient(cfg.mlflow_tracking_uri)
     [experiment] = [e for e in client.search_experiments() if e.name == cfg.mlflow_experiment]
     assert len(client.search_runs([experiment.experiment_id])) == 1
-    assert [m.step for m in client.get_metric_history(summary["mlflow_run_id"], "val_acc")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(summary.mlflow_run_id, "val_acc")] == [1, 2]
 
 
 def test_the_logged_val_metrics_are_those_of_the_saved_model(make_config, tmp_path):
@@ -57,12 +56,12 @@ def test_the_logged_val_metrics_are_those_of_the_saved_model(make_config, tmp_pa
     (data / "val" / "dog" / "dog_4.png").unlink()  # 9: an uneven split, 5 and 4
     cfg = make_config(data_dir=str(data), model_name="efficientnet_lite0", pretrained=True, img_size=48,
                       freeze_ratio=0.7, epochs=1, distributed={"nproc_per_node": 2})
-    trainer.start_run(cfg, ["cat", "dog"], None, quiet)
-    metrics = launch_epoch(cfg, 0, quiet)
+    start_run(cfg)
+    metrics = launch_epoch(cfg, 0)
     # Every validation image counted once, by the model in last.pth: a one-process evaluation of it.
     loss, acc = _evaluate_single_process(cfg, cfg.checkpoints_dir / ckpt.LAST)
-    assert metrics["val_loss"] == pytest.approx(loss, rel=1e-5)
-    assert metrics["val_acc"] == pytest.approx(acc, abs=1e-9)
+    assert metrics.val_loss == pytest.approx(loss, rel=1e-5)
+    assert metrics.val_acc == pytest.approx(acc, abs=1e-9)
 
 
 def test_two_processes_match_one_with_the_same_global_batch_and_seed(make_config, tmp_path):
@@ -76,42 +75,45 @@ def test_two_processes_match_one_with_the_same_global_batch_and_seed(make_config
     two = make_config(artifacts_dir=str(tmp_path / "two"), distributed={"nproc_per_node": 2}, **common)
     histories = []
     for cfg in (one, two):
-        trainer.start_run(cfg, ["cat", "dog"], None, quiet)
-        run = launch_epoch if cfg.distributed.world_size > 1 else trainer.run_epoch
-        histories.append([run(cfg, e, quiet) for e in range(cfg.epochs)])
+        start_run(cfg)
+        run = launch_epoch if cfg.distributed.world_size > 1 else lambda c, e: TrainingSession(c).train_epoch(e)
+        histories.append([run(cfg, e) for e in range(cfg.epochs)])
     for single, parallel in zip(*histories, strict=True):
-        assert parallel["val_loss"] == pytest.approx(single["val_loss"], abs=0.02)
-        assert abs(parallel["val_acc"] - single["val_acc"]) <= 1 / 8 + 1e-9
-        assert parallel["train_batches"] == single["train_batches"]  # the same global batches
+        assert parallel.val_loss == pytest.approx(single.val_loss, abs=0.02)
+        assert abs(parallel.val_acc - single.val_acc) <= 1 / 8 + 1e-9
+        assert parallel.train_batches == single.train_batches  # the same global batches
 
 
-def test_worker_lines_reach_the_log_once_prefixed_by_the_caller_only(make_config, tmp_path):
+def test_worker_lines_reach_the_log_once_prefixed_by_the_caller_only(make_config, tmp_path, caplog):
     cfg = make_config(epochs=1, distributed={"nproc_per_node": 2})
-    trainer.start_run(cfg, ["cat", "dog"], None, quiet)
-    lines: list[str] = []
-    launch_epoch(cfg, 0, lambda m: lines.append(f"[train] {m}"))  # as the flow's log does
-    assert "[train] Epoch 1/1" in lines, "\n".join(lines)
+    start_run(cfg)
+    with caplog.at_level(logging.INFO, logger="harv_train"):
+        launch_epoch(cfg, 0)
+    lines = caplog.messages  # bare: the flow's log adds its one prefix ("[train] ")
+    assert lines.count("Epoch 1/1") == 1, "\n".join(lines)  # rank 0 speaks, rank 1 does not
+    assert not any(line.startswith("[train]") for line in lines)
 
 
-def test_a_killed_rank_is_restarted_by_torchrun_from_the_checkpoint(make_config, tmp_path, monkeypatch):
+def test_a_killed_rank_is_restarted_by_torchrun_from_the_checkpoint(make_config, tmp_path, monkeypatch, caplog):
     cfg = make_config(epochs=2, distributed={"nproc_per_node": 2, "max_restarts": 1})
-    trainer.start_run(cfg, ["cat", "dog"], None, quiet)
-    lines: list[str] = []
+    start_run(cfg)
     monkeypatch.setenv("HARV_TRAIN_FAILPOINT", "train_batch:2")  # SIGKILL in the middle of epoch 1 ...
     monkeypatch.setenv("HARV_TRAIN_FAILPOINT_RANK", "1")  # ... of rank 1 only
-    first = launch_epoch(cfg, 0, lines.append)
-    second = launch_epoch(cfg, 1, lines.append)
+    with caplog.at_level(logging.INFO, logger="harv_train"):
+        first = launch_epoch(cfg, 0)
+        second = launch_epoch(cfg, 1)
+    lines = caplog.messages
     assert any("Signals.SIGKILL" in line or "exitcode: -9" in line for line in lines), "\n".join(lines[-30:])
-    assert [first["epoch"], second["epoch"]] == [1, 2]
+    assert [first.epoch, second.epoch] == [1, 2]
     assert ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.LAST)["epoch"] == 2
 
 
 def test_workers_that_keep_failing_fail_the_epoch_with_the_cause(make_config, tmp_path, monkeypatch):
     cfg = make_config(epochs=1, distributed={"nproc_per_node": 2})
-    trainer.start_run(cfg, ["cat", "dog"], None, quiet)
+    start_run(cfg)
     monkeypatch.setenv("HARV_TRAIN_FAILPOINT", "train_batch:1:raise")
     with pytest.raises(RuntimeError, match="torchrun exited with code 1 in epoch 1"):
-        launch_epoch(cfg, 0, quiet)
+        launch_epoch(cfg, 0)
     assert ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.LAST)["epoch"] == 0
 
 
@@ -132,6 +134,6 @@ def test_an_epoch_leaves_nothing_in_the_temporary_directory(make_config, tmp_pat
     monkeypatch.setenv("TMPDIR", str(scratch))  # torchrun and its workers
     monkeypatch.setattr(tempfile, "tempdir", None)  # this process: read TMPDIR again
     cfg = make_config(epochs=1, distributed={"nproc_per_node": 2})
-    trainer.start_run(cfg, ["cat", "dog"], None, quiet)
-    launch_epoch(cfg, 0, quiet)
+    start_run(cfg)
+    launch_epoch(cfg, 0)
     assert sorted(p.name for p in scratch.iterdir()) == []

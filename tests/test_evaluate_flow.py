@@ -20,7 +20,7 @@ def test_a_training_run_logs_the_report_plots_contact_sheet_and_export(make_conf
     write_params_file(cfg, params)
     state = train_flow(params_file=str(params), return_state=True)
     assert state.is_completed(), state.message
-    run_id = state.result()["mlflow_run_id"]
+    run_id = state.result().mlflow_run_id
     client = MlflowClient(cfg.mlflow_tracking_uri)
     evaluation = {a.path for a in client.list_artifacts(run_id, "evaluation")}
     assert {f"evaluation/{name}" for name in ("report.json", "per_class.csv", "confusion_matrix.csv",
@@ -54,10 +54,10 @@ def test_evaluate_command_writes_the_report_and_the_export(make_config, tmp_path
     ("other-classes", "only in the folder: bird, fish; only in the checkpoint: cat, dog"),
 ])
 def test_evaluate_command_bad_input_is_one_line(make_config, image_folder, tmp_path, capsys, case, expected):
-    from harv_train.core import trainer
+    from tests.trained import start_run
 
     cfg = make_config()
-    trainer.start_run(cfg, ["cat", "dog"], None, lambda _: None)
+    start_run(cfg)
     checkpoint = cfg.checkpoints_dir / "last.pth"
     data = image_folder / "val"
     if case == "not-ours":

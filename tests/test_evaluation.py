@@ -75,10 +75,10 @@ def test_worst_images_are_the_highest_loss_first():
 
 def test_report_files_agree_with_the_model(trained, tmp_path):
     cfg, best = trained
-    report = evaluate_checkpoint(best, f"{cfg.data_dir}/val", tmp_path / "eval", log=lambda _: None)
+    report = evaluate_checkpoint(best, f"{cfg.data_dir}/val", tmp_path / "eval")
     data = json.loads((tmp_path / "eval" / "report.json").read_text())
     state, model = load_trained_model(best)
-    split = load_eval_split(state, f"{cfg.data_dir}/val", log=lambda _: None)
+    split = load_eval_split(state, f"{cfg.data_dir}/val")
     with torch.no_grad():
         from harv_train.core.augment import normalize
         pred = model(normalize(split.images, tuple(state["mean"]), tuple(state["std"]))).argmax(1)
@@ -102,14 +102,14 @@ def test_val_classes_differing_from_the_checkpoint(trained, tmp_path):
     val = shutil.copytree(f"{cfg.data_dir}/val", tmp_path / "val")
     (val / "dog").rename(val / "cow")
     with pytest.raises(DataError, match="only in the folder: cow; only in the checkpoint: dog"):
-        evaluate_checkpoint(best, val, tmp_path / "eval", log=lambda _: None)
+        evaluate_checkpoint(best, val, tmp_path / "eval")
 
 
 def test_an_empty_folder(trained, tmp_path):
     _, best = trained
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="has no class folders"):
-        evaluate_checkpoint(best, tmp_path / "empty", tmp_path / "eval", log=lambda _: None)
+        evaluate_checkpoint(best, tmp_path / "empty", tmp_path / "eval")
 
 
 def test_a_class_folder_without_images(trained, tmp_path):
@@ -118,13 +118,13 @@ def test_a_class_folder_without_images(trained, tmp_path):
     for f in (val / "dog").iterdir():
         f.unlink()
     with pytest.raises(DataError, match="dog has no images"):
-        evaluate_checkpoint(best, val, tmp_path / "eval", log=lambda _: None)
+        evaluate_checkpoint(best, val, tmp_path / "eval")
 
 
 def test_the_dataset_root_instead_of_its_val_split_says_which_to_pass(trained, tmp_path):
     cfg, best = trained
     with pytest.raises(DataError, match="holds train/ and val/ rather than class folders: pass .*val"):
-        evaluate_checkpoint(best, cfg.data_dir, tmp_path / "eval", log=lambda _: None)
+        evaluate_checkpoint(best, cfg.data_dir, tmp_path / "eval")
 
 
 def test_learning_curves_take_the_epochs_after_the_best_from_last_pth(trained, tmp_path):

@@ -13,7 +13,7 @@ from harv_train.reporting import export
 from harv_train.core.augment import normalize
 from harv_train.errors import ExportError
 from harv_train.reporting.evaluation import load_eval_split, load_trained_model
-from harv_train.core.trainer import load_model_from_checkpoint
+from harv_train.core.checkpoints import load_model_from_checkpoint
 from tests.trained import shared_tiny
 
 
@@ -21,9 +21,9 @@ from tests.trained import shared_tiny
 def exported(tmp_path_factory):
     cfg, best = shared_tiny(("cat", "dog", "fox"))
     out = tmp_path_factory.mktemp("export")
-    result = export.export_checkpoint(best, f"{cfg.data_dir}/val", out, latency_runs=3, log=lambda _: None)
+    result = export.export_checkpoint(best, f"{cfg.data_dir}/val", out, latency_runs=3)
     state, model = load_trained_model(best)
-    split = load_eval_split(state, f"{cfg.data_dir}/val", log=lambda _: None)
+    split = load_eval_split(state, f"{cfg.data_dir}/val")
     x = normalize(split.images, tuple(state["mean"]), tuple(state["std"]))
     with torch.no_grad():
         reference = model(x).numpy()
@@ -79,8 +79,7 @@ def test_an_export_that_differs_from_pytorch_is_refused_and_not_written(exported
         return real_export_onnx(other, example, path, card)
 
     monkeypatch.setattr(export, "export_onnx", export_a_different_model)
-    split = load_eval_split(state, state["params"]["data_dir"] + "/val", log=lambda _: None)
+    split = load_eval_split(state, state["params"]["data_dir"] + "/val")
     with pytest.raises(ExportError, match=r"onnxruntime 1\.0\de\+00 > tolerance"):
-        export.export_model(load_model_from_checkpoint(state), state, split, tmp_path, latency_runs=1,
-                            log=lambda _: None)
+        export.export_model(load_model_from_checkpoint(state), state, split, tmp_path, latency_runs=1)
     assert list(tmp_path.iterdir()) == []

@@ -13,11 +13,12 @@ from mlflow.tracking import MlflowClient
 from conftest import lock_held_elsewhere
 from flows.train_flow import train_flow
 from harv_train.core import checkpoints as ckpt
-from harv_train.core import trainer
 from harv_train.config import write_params_file
 from harv_train.errors import UserError
 from harv_train.core.locking import artifacts_lock
+from harv_train.core.checks import check_free_space, estimated_checkpoint_bytes
 from tests.servers import free_port
+from tests.trained import train_epochs
 
 REPO = Path(__file__).resolve().parent.parent
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
@@ -38,9 +39,7 @@ def _cli(params: Path, *args: str, failpoint: str | None = None) -> subprocess.C
 
 
 def _reference_history(cfg):
-    splits = trainer.load_data(cfg, lambda _: None)
-    trainer.start_run(cfg, splits["train"].classes, None, lambda _: None)
-    return [trainer.run_epoch(cfg, e, lambda _: None, progress=False) for e in range(cfg.epochs)]
+    return [m.to_dict() for m in train_epochs(cfg)]
 
 
 @pytest.mark.parametrize(
@@ -161,13 +160,13 @@ def test_not_enough_disk_space_stops_before_training(tmp_path):
 
     free = shutil.disk_usage(tmp_path).free
     with pytest.raises(UserError, match="not enough free disk space .*MiB free, checkpoints need about"):
-        trainer.check_free_space(tmp_path, free + 2**40)
-    trainer.check_free_space(tmp_path, 2**20)
+        check_free_space(tmp_path, free + 2**40)
+    check_free_space(tmp_path, 2**20)
 
 
 def test_checkpoint_size_estimate_covers_a_real_checkpoint(make_config):
     cfg = make_config(epochs=1)
     _reference_history(cfg)
     size = (cfg.checkpoints_dir / ckpt.LAST).stat().st_size
-    estimate = trainer.estimated_checkpoint_bytes(cfg, 2)
+    estimate = estimated_checkpoint_bytes(cfg, 2)
     assert 0.9 * size <= estimate <= 1.5 * size

@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.train_flow import train_flow
 from harv_train.core import checkpoints as ckpt
-from harv_train.core import trainer
+from harv_train.core import session as session_module
 from harv_train.config import write_params_file
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -33,13 +33,13 @@ def test_flow_trains_checkpoints_and_logs_an_mlflow_run(make_config, tmp_path):
     for name in (ckpt.BEST, ckpt.FINAL, ckpt.LAST):
         assert (cfg.checkpoints_dir / name).is_file()
 
-    client, run = _mlflow_run(cfg, summary["mlflow_run_id"])
+    client, run = _mlflow_run(cfg, summary.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["prefect.flow_run_id"]
     assert run.data.params["model_name"] == "mobilenet_v3_small" and run.data.params["epochs"] == "2"
     for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_time_s", "val_time_s"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
-    assert run.data.metrics["best_val_acc"] == summary["best_val_acc"]
+    assert run.data.metrics["best_val_acc"] == summary.best_val_acc
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
     assert {"checkpoints/best_model.pth", "checkpoints/final_model.pth"} <= artifacts
     assert "params.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -53,7 +53,7 @@ def test_logged_model_loads_and_predicts(make_config, tmp_path):
 
     cfg = make_config(epochs=1)
     state = _run(cfg, tmp_path)
-    client, run = _mlflow_run(cfg, state.result()["mlflow_run_id"])
+    client, run = _mlflow_run(cfg, state.result().mlflow_run_id)
     [logged] = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     mlflow.set_tracking_uri(cfg.mlflow_tracking_uri)
     model = mlflow.pytorch.load_model(f"models:/{logged.model_id}", dst_path=str(tmp_path))
@@ -65,7 +65,7 @@ def test_logged_model_loads_and_predicts(make_config, tmp_path):
 def test_a_failing_epoch_is_retried_and_resumed_not_restarted(make_config, tmp_path, monkeypatch):
     reference = _run(make_config(epochs=3, artifacts_dir=str(tmp_path / "ref")), tmp_path).result()
 
-    real = trainer.train_one_epoch
+    real = session_module.train_one_epoch
     calls = []
 
     def flaky(*args, **kwargs):
@@ -75,21 +75,21 @@ def test_a_failing_epoch_is_retried_and_resumed_not_restarted(make_config, tmp_p
             raise OSError("simulated I/O error in epoch 2")  # ...and the epoch fails
         return result
 
-    monkeypatch.setattr(trainer, "train_one_epoch", flaky)
+    monkeypatch.setattr(session_module, "train_one_epoch", flaky)
     cfg = make_config(epochs=3, epoch_retries=1, artifacts_dir=str(tmp_path / "flaky"))
     state = _run(cfg, tmp_path)
     assert state.is_completed(), state.message
-    history = state.result()["history"]
+    history = state.result().history
     assert len(calls) == 4  # epochs 1, 2 (failed), 2 (retried), 3: epoch 1 was not run again
-    assert [m["epoch"] for m in history] == [1, 2, 3]
+    assert [m.epoch for m in history] == [1, 2, 3]
     keys = ("train_loss", "val_loss", "val_acc")
-    assert [[m[k] for k in keys] for m in history] == [[m[k] for k in keys] for m in reference["history"]]
+    assert [[getattr(m, k) for k in keys] for m in history] == [[getattr(m, k) for k in keys] for m in reference.history]
     client = MlflowClient(cfg.mlflow_tracking_uri)
-    assert [m.step for m in client.get_metric_history(state.result()["mlflow_run_id"], "val_acc")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(state.result().mlflow_run_id, "val_acc")] == [1, 2, 3]
 
 
 def test_retries_used_up_fail_the_flow_with_the_cause_and_keep_best(make_config, tmp_path, monkeypatch):
-    real = trainer.train_one_epoch
+    real = session_module.train_one_epoch
     calls = []
 
     def broken_after_first(*args, **kwargs):
@@ -98,7 +98,7 @@ def test_retries_used_up_fail_the_flow_with_the_cause_and_keep_best(make_config,
             raise OSError("disk read error on batch 3")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "train_one_epoch", broken_after_first)
+    monkeypatch.setattr(session_module, "train_one_epoch", broken_after_first)
     cfg = make_config(epochs=3, epoch_retries=1)
     state = _run(cfg, tmp_path)
     assert state.is_failed()
@@ -114,10 +114,10 @@ def test_resume_continues_the_same_mlflow_run(make_config, tmp_path):
     first = _run(cfg, tmp_path).result()
     longer = make_config(epochs=3)
     second = _run(longer, tmp_path, resume=True).result()
-    assert second["mlflow_run_id"] == first["mlflow_run_id"]
-    assert [m["epoch"] for m in second["history"]] == [1, 2, 3]
+    assert second.mlflow_run_id == first.mlflow_run_id
+    assert [m.epoch for m in second.history] == [1, 2, 3]
     client = MlflowClient(cfg.mlflow_tracking_uri)
-    assert [m.step for m in client.get_metric_history(first["mlflow_run_id"], "val_acc")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(first.mlflow_run_id, "val_acc")] == [1, 2, 3]
 
 
 def test_resuming_a_finished_run_logs_nothing_twice(make_config, tmp_path):
@@ -125,7 +125,7 @@ def test_resuming_a_finished_run_logs_nothing_twice(make_config, tmp_path):
     first = _run(cfg, tmp_path).result()
     again = _run(cfg, tmp_path, resume=True)
     assert again.is_completed(), again.message
-    client, run = _mlflow_run(cfg, first["mlflow_run_id"])
+    client, run = _mlflow_run(cfg, first.mlflow_run_id)
     for key in run.data.metrics:  # summary metrics at step 0, epochs at their step: each once
         assert len(client.get_metric_history(run.info.run_id, key)) == 1, key
     assert len(client.search_logged_models(experiment_ids=[run.info.experiment_id])) == 1
@@ -157,5 +157,24 @@ def test_skipped_images_are_counted_in_the_mlflow_run(make_config, image_folder,
     cfg = make_config(epochs=1, skip_bad_images=True)
     state = _run(cfg, tmp_path)
     assert state.is_completed(), state.message
-    _, run = _mlflow_run(cfg, state.result()["mlflow_run_id"])
+    _, run = _mlflow_run(cfg, state.result().mlflow_run_id)
     assert run.data.metrics["skipped_images"] == 1 and run.data.metrics["train_images"] == 16
+
+
+def test_a_retried_epoch_that_last_pth_already_holds_ends_the_run_normally(make_config, tmp_path, monkeypatch):
+    """The epoch task fails after last.pth was written; its retry finds the epoch done and must still
+    return a whole result (with `stop`): a result without it ended the flow in a KeyError."""
+    real_save = ckpt.save_checkpoint
+    failed = []
+
+    def save_then_fail_once(state, path):
+        real_save(state, path)
+        if path.name == ckpt.LAST and state["epoch"] == 1 and not failed:
+            failed.append(path)
+            raise OSError("simulated failure after last.pth was written")
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_fail_once)
+    cfg = make_config(epochs=2, epoch_retries=1)
+    state = _run(cfg, tmp_path)
+    assert failed and state.is_completed(), state.message
+    assert [m["epoch"] for m in ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.FINAL)["history"]] == [1, 2]

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.train_flow import train_flow
 from harv_train.core import checkpoints as ckpt
-from harv_train.core import trainer
+from harv_train.core.session import TrainingSession
 from harv_train.config import write_params_file
 from tests.images import write_image_folder
 from tests.servers import mlflow_server, stop
@@ -46,21 +46,21 @@ def test_run_logs_metrics_model_and_a_champion_that_predicts(make_config, server
     summary = state.result()
 
     client = MlflowClient(server_url)
-    run = client.get_run(summary["mlflow_run_id"])
+    run = client.get_run(summary.mlflow_run_id)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2]
-    assert run.data.metrics["best_val_acc"] == summary["best_val_acc"]
+    assert run.data.metrics["best_val_acc"] == summary.best_val_acc
     [logged] = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert logged.source_run_id == run.info.run_id
 
     champion = client.get_model_version_by_alias("server-model", "champion")
     assert (champion.version, champion.run_id) == ("1", run.info.run_id)
-    assert float(champion.tags["val_acc"]) == summary["best_val_acc"]
+    assert float(champion.tags["val_acc"]) == summary.best_val_acc
     assert run.data.tags["registry.version"] == "1" and run.data.tags["registry.promoted"] == "true"
 
     # What @champion serves is the best checkpoint: same outputs on the same input.
     mlflow.set_tracking_uri(server_url)
     served = mlflow.pytorch.load_model("models:/server-model@champion", dst_path=str(tmp_path))
-    best = trainer.load_model_from_checkpoint(ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.BEST))
+    best = ckpt.load_model_from_checkpoint(ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.BEST))
     assert torch.allclose(_predict(served.eval(), 32), _predict(best, 32), atol=1e-5)
 
 
@@ -86,7 +86,7 @@ def test_champion_alias_moves_only_when_val_accuracy_improves(make_config, serve
         cfg = make_config(data_dir=str(data), artifacts_dir=str(tmp_path / f"artifacts{i}"), **fast)
         state = _run(cfg, tmp_path)
         assert state.is_completed(), state.message
-        accs.append(state.result()["best_val_acc"])
+        accs.append(state.result().best_val_acc)
         champions.append(str(client.get_model_version_by_alias("alias-model", "champion").version))
 
     assert accs[0] < accs[1] and accs[2] < accs[1], accs
@@ -103,15 +103,15 @@ def test_server_dying_mid_run_keeps_checkpoints_and_fails_visibly(make_config, t
     # Connection refused should fail at once, not after MLflow's retries with backoff.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with mlflow_server(tmp_path / "dying-server") as server:
-        real_run_epoch = trainer.run_epoch
+        real_train_epoch = TrainingSession.train_epoch
 
-        def run_epoch_then_stop_the_server_after_the_first(cfg, epoch, *args, **kwargs):
-            result = real_run_epoch(cfg, epoch, *args, **kwargs)
+        def train_epoch_then_stop_the_server_after_the_first(session, epoch, *args, **kwargs):
+            result = real_train_epoch(session, epoch, *args, **kwargs)
             if epoch == 0:
                 stop(server.proc, grace=0)  # killed, as by a crash or OOM
             return result
 
-        monkeypatch.setattr(trainer, "run_epoch", run_epoch_then_stop_the_server_after_the_first)
+        monkeypatch.setattr(TrainingSession, "train_epoch", train_epoch_then_stop_the_server_after_the_first)
         cfg = make_config(epochs=2, mlflow_tracking_uri=server.url, registered_model_name="dying-model",
                           export=False)
         state = _run(cfg, tmp_path)

@@ -44,7 +44,7 @@ def test_json_for_one_image(trained, capsys):
 
 def test_exported_models_predict_what_the_checkpoint_predicts(trained, tmp_path, capsys):
     cfg, best = trained
-    export_checkpoint(best, f"{cfg.data_dir}/val", tmp_path, latency_runs=1, log=lambda _: None)
+    export_checkpoint(best, f"{cfg.data_dir}/val", tmp_path, latency_runs=1)
     results = {}
     for model in (best, tmp_path / "model.ts", tmp_path / "model.onnx"):
         code, out = _predict_json(capsys, f"{cfg.data_dir}/val", "--checkpoint", model)

@@ -109,7 +109,7 @@ def test_a_champion_registered_by_hand_is_compared_by_its_runs_best_val_acc(stor
 def test_a_registry_failure_is_recorded_not_raised(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     dead = f"http://127.0.0.1:{free_port()}"
-    tracker = MlflowTracker(dead, "registry-tests", log=lambda message: None)
+    tracker = MlflowTracker(dead, "registry-tests")
     tracker.run_id = "0123456789abcdef"
 
     assert tracker.register_model("m", "models:/m-0123", 0.9) is None

@@ -7,9 +7,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from harv_train.core import checkpoints as ckpt
-from harv_train.core import trainer
 from harv_train.config import TrainConfig, load_config
+from harv_train.core import checkpoints as ckpt
+from harv_train.core.run_state import EpochMetrics
+from harv_train.core.session import TrainingSession
 from tests.images import write_image_folder
 
 
@@ -21,10 +22,20 @@ def train_tiny(root: Path, classes: tuple[str, ...] = ("cat", "dog"), epochs: in
         "img_size": 32, "lr": 0.001, "classes": None, "data_dir": str(data),
         "artifacts_dir": str(root / "artifacts"), "num_workers": 0,
     })
-    trainer.start_run(cfg, sorted(classes), None, lambda _: None)
-    for epoch in range(epochs):
-        trainer.run_epoch(cfg, epoch, lambda _: None, progress=False)
+    train_epochs(cfg, epochs)
     return cfg, cfg.checkpoints_dir / ckpt.BEST
+
+
+def start_run(cfg: TrainConfig) -> None:
+    """Epoch 0 in last.pth, as a run's start writes it."""
+    TrainingSession(cfg).start(None)
+
+
+def train_epochs(cfg: TrainConfig, epochs: int | None = None) -> list[EpochMetrics]:
+    """A new run of `epochs` (default cfg.epochs) epochs in one session, without Prefect."""
+    session = TrainingSession(cfg)
+    session.start(None)
+    return [session.train_epoch(e, progress=False) for e in range(cfg.epochs if epochs is None else epochs)]
 
 
 _SHARED: dict[tuple[str, ...], tuple[TrainConfig, Path]] = {}

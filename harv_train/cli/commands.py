@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import logging
-import os
 import sys
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable
 
 from harv_train.errors import UserError
 
@@ -38,50 +34,3 @@ def check_command_line(check: Callable[[], Any]) -> int | None:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     return None
-
-
-class FastCommand:
-    """How a flow's command line starts and ends. Created first thing, before the heavy imports: it
-    answers --help, usage errors and bad params at once (`check`), then starts Prefect's temporary
-    server so that it boots while the imports run (harv_train/cli/startup.py). `run(main)` then runs
-    the command and ends the process right after its exit hooks (ExitWithoutTeardown)."""
-
-    def __init__(self, check: Callable[[], Any]) -> None:
-        self._exit = ExitWithoutTeardown()
-        code = check_command_line(check)
-        if code is not None:
-            self._exit.code = code
-            raise SystemExit(code)
-        from harv_train.cli.startup import start_early_server
-
-        self.early_server = start_early_server()
-
-    def run(self, main: Callable[[Any], int]) -> NoReturn:
-        """`main(early_server)` returns the exit code."""
-        try:
-            self._exit.code = main(self.early_server)
-        except KeyboardInterrupt:
-            self._exit.code = 130  # what a shell expects of Ctrl-C
-            raise
-        raise SystemExit(self._exit.code)
-
-
-class ExitWithoutTeardown:
-    """Ends a command-line process right after its exit hooks, skipping the interpreter's teardown.
-
-    That teardown frees torch, MLflow and Prefect objects one by one: about 1.7 s here after every
-    run, with nothing left to write by then (Prefect's log and event queues and MLflow's run are
-    flushed by exit hooks, which still run). Create it first thing, so that its hook runs last.
-    """
-
-    def __init__(self) -> None:
-        self.code = 1  # what Python itself returns for an uncaught exception
-        atexit.register(self._exit)
-
-    def _exit(self) -> None:
-        if "logging" in sys.modules:
-            logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(self.code)

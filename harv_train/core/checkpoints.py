@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +93,40 @@ def remove_stale_temporaries(directory: str | Path) -> None:
     """Temporary files a killed run left behind: never a complete checkpoint, safe to delete."""
     for tmp in Path(directory).glob(".*.pth.*.tmp"):
         tmp.unlink(missing_ok=True)
+
+
+def load_model_from_checkpoint(state: dict[str, Any]) -> "torch.nn.Module":
+    """An nn.Module in eval mode with a checkpoint's weights (for logging, evaluation, export)."""
+    from harv_train.core.models import build_architecture
+
+    model = build_architecture(state["model_name"], len(state["classes"]))
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def input_example(state: dict[str, Any]) -> "np.ndarray":
+    """One normalized all-grey image at the checkpoint's size: MLflow's signature and example."""
+    import numpy as np
+
+    return np.zeros((1, 3, state["img_size"], state["img_size"]), dtype=np.float32)
+
+
+def archive_previous_checkpoints(directory: Path, companions: tuple[Path, ...] = ()) -> Path | None:
+    """A fresh run never overwrites an earlier run's checkpoints: they move aside, whole, named by
+    when that run last wrote one (not the folder's time: write checks touch it), with the folders
+    made from them (`companions`: its evaluation report and export)."""
+    checkpoints = list(directory.glob("*.pth")) if directory.is_dir() else []
+    if not checkpoints:
+        return None
+    written = max(path.stat().st_mtime for path in checkpoints)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(written))
+    target = directory.with_name(f"checkpoints-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = directory.with_name(f"checkpoints-{stamp}-{n}")
+    directory.rename(target)
+    for made_from_them in companions:
+        if made_from_them.is_dir():
+            made_from_them.rename(target / made_from_them.name)
+    return target

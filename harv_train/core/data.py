@@ -9,18 +9,19 @@ random augmentation runs on them afterwards (harv_train/core/augment.py).
 
 from __future__ import annotations
 
-import hashlib
-import os
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from harv_train.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 SPLITS = ("train", "val")
@@ -173,6 +174,7 @@ class DecodedSplit:
             yield images, self.labels[idx]
 
 
+
 class _StreamedImages(torch.utils.data.Dataset):
     def __init__(self, paths: list[Path], size: int, interpolation: str):
         self.paths, self.size, self.interpolation = paths, size, interpolation
@@ -184,13 +186,33 @@ class _StreamedImages(torch.utils.data.Dataset):
         return decode_image(self.paths[i], self.size, self.interpolation), i
 
 
+def _unreadable_error(unreadable: list[DataError], root: Path, fix: str) -> DataError:
+    """One error for them all: the first named, the rest counted."""
+    more = f" and {len(unreadable) - 1} more unreadable image(s) in {root}" if len(unreadable) > 1 else ""
+    return DataError(f"{unreadable[0]}{more}: {fix}")
+
+
+def check_images_open(index: SplitIndex, fix: str = "remove or replace the file, or set skip_bad_images: true") -> None:
+    """Every file opens as an image (its header is read, its pixels are not): a quick look for empty,
+    mislabelled or garbage files before a run starts. Decoding, later, still catches a truncated one."""
+    unreadable: list[DataError] = []
+    for path, _ in index.samples:
+        try:
+            with Image.open(path):
+                pass
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            unreadable.append(DataError(f"cannot read image {path} ({reason})"))
+    if unreadable:
+        raise _unreadable_error(unreadable, index.root, fix)
+
+
 def decode_split(
     index: SplitIndex,
     img_size: int,
     interpolation: str,
     cache_max_mb: int,
     skip_bad_images: bool = False,
-    log: Callable[[str], None] = print,
     fix: str = "remove or replace the file, or set skip_bad_images: true",
 ) -> DecodedSplit:
     """Decode every image once (which also proves each one readable) and cache it if it fits.
@@ -209,7 +231,7 @@ def decode_split(
             if not skip_bad_images:
                 unreadable.append(exc)  # all of them in one message, not one per attempt
                 continue
-            log(f"skipping unreadable image: {exc}")
+            logger.warning(f"skipping unreadable image: {exc}")
             skipped.append(str(path))
             continue
         if fits:
@@ -217,8 +239,7 @@ def decode_split(
         paths.append(path)
         labels.append(label)
     if unreadable:
-        more = f" and {len(unreadable) - 1} more unreadable image(s) in {index.root}" if len(unreadable) > 1 else ""
-        raise DataError(f"{unreadable[0]}{more}: {fix}")
+        raise _unreadable_error(unreadable, index.root, fix)
     for name in index.classes:
         label = index.classes.index(name)
         if label not in labels:
@@ -234,19 +255,6 @@ def decode_split(
     )
 
 
-def dataset_signature(indexes: dict[str, SplitIndex], *settings: object) -> str:
-    """Changes whenever a file is added, removed, rewritten, or a decode setting changes."""
-    digest = hashlib.sha256(repr(settings).encode())
-    for split in SPLITS:
-        for path, label in indexes[split].samples:
-            st = os.stat(path)
-            digest.update(f"{split}|{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
-
-
-_DECODED: dict[str, dict[str, DecodedSplit]] = {}
-
-
 def load_dataset(
     data_dir: str | Path,
     classes: Sequence[str] | None,
@@ -254,16 +262,10 @@ def load_dataset(
     interpolation: str,
     cache_max_mb: int,
     skip_bad_images: bool = False,
-    log: Callable[[str], None] = print,
 ) -> dict[str, DecodedSplit]:
-    """Scan, validate and decode both splits. Memoized per process on the files' signature, so the
-    command line's up-front check and the flow's data task decode the images only once."""
+    """Scan, validate and decode both splits."""
     indexes = scan_dataset(data_dir, classes)
-    key = dataset_signature(indexes, img_size, interpolation, cache_max_mb, skip_bad_images)
-    if key not in _DECODED:
-        _DECODED.clear()  # hold one dataset at a time: memory is bounded by cache_max_mb per split
-        _DECODED[key] = {
-            split: decode_split(indexes[split], img_size, interpolation, cache_max_mb, skip_bad_images, log)
-            for split in SPLITS
-        }
-    return _DECODED[key]
+    return {
+        split: decode_split(indexes[split], img_size, interpolation, cache_max_mb, skip_bad_images)
+        for split in SPLITS
+    }

@@ -4,8 +4,9 @@ With `distributed.nproc_per_node x nnodes` > 1, the flow's epoch task calls `lau
 
     python -m torch.distributed.run --nproc_per_node N ... -m harv_train.core.distributed --params P --epoch E
 
-Each worker (`main` below) joins the process group, runs `harv_train.core.trainer.run_epoch` as its rank, and
-exits; rank 0 writes the checkpoints, so the task reads the epoch's metrics back from `last.pth`.
+Each worker (`main` below) joins the process group, trains the epoch as its rank in a
+`TrainingSession` of its own, and exits; rank 0 writes the checkpoints, so the task reads the epoch's
+metrics back from `last.pth`.
 Who handles what: torchrun's `--max-restarts` (distributed.max_restarts) restarts all workers of the
 epoch when one dies, from the same last.pth; when those are used up torchrun exits non-zero, the
 task fails, and Prefect's task retries (epoch_retries) launch the epoch again.
@@ -14,19 +15,21 @@ task fails, and Prefect's task retries (epoch_retries) launch the epoch again.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import logging
 import os
 import subprocess
 import sys
 import tempfile
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
 
-from harv_train.core import checkpoints as ckpt
 from harv_train.config import TrainConfig, load_config, write_params_file
+from harv_train.core import checkpoints as ckpt
+from harv_train.core.run_state import EpochMetrics
 
-REPO = Path(__file__).resolve().parent.parent
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def torchrun_command(cfg: TrainConfig, params_file: Path, epoch: int, run_id: str, log_dir: str) -> list[str]:
@@ -41,8 +44,8 @@ def torchrun_command(cfg: TrainConfig, params_file: Path, epoch: int, run_id: st
     return cmd + ["-m", "harv_train.core.distributed", "--params", str(params_file), "--epoch", str(epoch)]
 
 
-def launch_epoch(cfg: TrainConfig, epoch: int, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train one epoch with torchrun; returns its metrics as `run_epoch` would."""
+def launch_epoch(cfg: TrainConfig, epoch: int) -> EpochMetrics:
+    """Train one epoch with torchrun; returns its metrics as `TrainingSession.train_epoch` would."""
     params_file = cfg.checkpoints_dir / "torchrun-params.yaml"
     write_params_file(cfg, params_file)
     run_id = ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.LAST)["run_uid"]
@@ -52,14 +55,14 @@ def launch_epoch(cfg: TrainConfig, epoch: int, log: Callable[[str], None] = prin
     # be left in /tmp, one set per epoch.
     with tempfile.TemporaryDirectory(prefix="harv-train-torchrun-") as log_dir:
         cmd = torchrun_command(cfg, params_file, epoch, run_id, log_dir)
-        log(f"Launching {cfg.distributed.world_size} processes: {' '.join(cmd[1:])}")
+        logger.info(f"Launching {cfg.distributed.world_size} processes: {' '.join(cmd[1:])}")
         with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, bufsize=1) as proc:
             tail: list[str] = []
             for line in proc.stdout:
                 line = line.rstrip()
                 tail = (tail + [line])[-20:]
-                log(line)
+                logger.info(line)
     if proc.returncode != 0:
         errors = [t for t in tail if "Error" in t or "error" in t] or tail[-1:]
         raise RuntimeError(
@@ -69,7 +72,7 @@ def launch_epoch(cfg: TrainConfig, epoch: int, log: Callable[[str], None] = prin
     state = ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.LAST)
     if state["epoch"] <= epoch:
         raise RuntimeError(f"torchrun finished epoch {epoch + 1} but {ckpt.LAST} holds {state['epoch']} epochs")
-    return {**state["history"][epoch], "stop": state["stopped_early"]}
+    return EpochMetrics.from_dict(state["history"][epoch])
 
 
 def _backend(cfg: TrainConfig) -> str:
@@ -103,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from harv_train.core import trainer
     from harv_train.core.engine import World
+    from harv_train.core.session import TrainingSession
 
     parser = argparse.ArgumentParser(description="one data-parallel epoch (started by torchrun)")
     parser.add_argument("--params", required=True)
@@ -115,12 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     if backend == "nccl":
         local_rank = int(os.environ["LOCAL_RANK"])
         torch.cuda.set_device(local_rank)
-        cfg = dataclasses.replace(cfg, device=f"cuda:{local_rank}")
+        cfg = cfg.model_copy(update={"device": f"cuda:{local_rank}"})
     _init_process_group(backend)
     try:
         world = World(dist.get_rank(), dist.get_world_size())
-        # Bare lines: they reach the user through launch_epoch's `log`, which adds the caller's prefix.
-        trainer.run_epoch(cfg, args.epoch, lambda m: print(m, flush=True), progress=False, world=world)
+        if world.rank == 0:  # bare lines: they reach the user through launch_epoch's log, which adds the prefix
+            handler = logging.StreamHandler(sys.stdout)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logging.getLogger("harv_train").addHandler(handler)
+            logging.getLogger("harv_train").setLevel(logging.INFO)
+        TrainingSession(cfg).train_epoch(args.epoch, world=world, progress=False)
         dist.barrier()  # rank 0 has written the checkpoint before any rank reports success
     finally:
         dist.destroy_process_group()

@@ -17,11 +17,12 @@ No Prefect, no MLflow: the flows wrap this and log the files.
 
 from __future__ import annotations
 
+import logging
 import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -32,9 +33,9 @@ from harv_train.core.augment import normalize
 from harv_train.core.data import DecodedSplit, decode_split, scan_split
 from harv_train.errors import CheckpointError, DataError
 from harv_train.reporting.metrics import ClassificationMetrics, classification_metrics
-from harv_train.core.trainer import load_model_from_checkpoint
+from harv_train.core.checkpoints import load_model_from_checkpoint
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 # What evaluation, export and predict need beyond the keys every checkpoint has.
 MODEL_KEYS = ("model_name", "img_size", "mean", "std", "interpolation")
@@ -87,14 +88,13 @@ def _names(names: list[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def load_eval_split(state: dict[str, Any], data_dir: str | Path, cache_max_mb: int = 2048,
-                    log: Log = print) -> DecodedSplit:
+def load_eval_split(state: dict[str, Any], data_dir: str | Path, cache_max_mb: int = 2048) -> DecodedSplit:
     """The images of `data_dir/<class>/` decoded the way the checkpoint was trained (size, filter)."""
     data_dir = Path(data_dir)
     check_class_folders(data_dir, state["classes"])
     # scan_split takes the classes in the checkpoint's order, so label i means the model's output i.
     index = scan_split(data_dir, list(state["classes"]))
-    return decode_split(index, state["img_size"], state["interpolation"], cache_max_mb, log=log,
+    return decode_split(index, state["img_size"], state["interpolation"], cache_max_mb,
                         fix="remove or replace the file")
 
 
@@ -221,11 +221,11 @@ def default_out_dir(checkpoint: str | Path, name: str) -> Path:
 
 def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path,
                         device: str | torch.device = "cpu", cache_max_mb: int = 2048,
-                        split: DecodedSplit | None = None, log: Log = print) -> EvalReport:
+                        split: DecodedSplit | None = None) -> EvalReport:
     """Evaluate `checkpoint` on `data_dir/<class>/*` (or an already decoded `split`) into `out_dir`."""
     state, model = load_trained_model(checkpoint)
     if split is None:
-        split = load_eval_split(state, data_dir, cache_max_mb, log)
+        split = load_eval_split(state, data_dir, cache_max_mb)
     elif split.classes != list(state["classes"]):
         raise DataError(f"the validation classes {split.classes} are not the checkpoint's {state['classes']}")
     predictions = predict_split(model, split, state["mean"], state["std"], device=device)
@@ -233,7 +233,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: s
               "epoch": state["epoch"], "best_epoch": state.get("best_epoch"), "img_size": state["img_size"]}
     report = write_report(out_dir, state, predictions, source, run_history(checkpoint, state))
     m = report.metrics
-    log(f"Evaluation of {checkpoint} on {m.total} images in {data_dir}: accuracy {m.accuracy:.4f}, "
+    logger.info(f"Evaluation of {checkpoint} on {m.total} images in {data_dir}: accuracy {m.accuracy:.4f}, "
         f"macro F1 {m.macro['f1']:.4f}, loss {report.loss:.4f} -> {report.out_dir}")
     return report
 

@@ -15,6 +15,7 @@ The files are written under temporary names and renamed into place only after th
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import json
 import platform
@@ -33,7 +34,7 @@ from harv_train.core.augment import normalize
 from harv_train.core.data import DecodedSplit
 from harv_train.errors import ExportError
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 TOLERANCE = 1e-3  # max abs logit difference; float32 kernels differ by ~1e-5 on these models
 PARITY_IMAGES = 32
@@ -177,7 +178,7 @@ class ExportResult:
 
 
 def export_model(model: nn.Module, state: dict[str, Any], split: DecodedSplit, out_dir: str | Path,
-                 tolerance: float = TOLERANCE, latency_runs: int = LATENCY_RUNS, log: Log = print) -> ExportResult:
+                 tolerance: float = TOLERANCE, latency_runs: int = LATENCY_RUNS) -> ExportResult:
     """Export `model` (eval mode, CPU), check both files on `split`'s images, then move them into place."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -234,7 +235,7 @@ def export_model(model: nn.Module, state: dict[str, Any], split: DecodedSplit, o
                    "img_size": size, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
     result = ExportResult(out_dir, files, parity, latency, environment)
     files["export_report"].write_text(json.dumps(result.summary(), indent=2), encoding="utf-8")
-    log(f"Exported {card['model_name']} to {files['torchscript']} and {files['onnx']}: max abs logit difference "
+    logger.info(f"Exported {card['model_name']} to {files['torchscript']} and {files['onnx']}: max abs logit difference "
         + ", ".join(f"{k} {d:.1e}" for k, d in diffs.items())
         + f" on {parity['images']} val images; CPU latency per image (batch 1, median of {rounds} runs, "
         f"{threads} threads): " + ", ".join(f"{k} {v:.1f} ms" for k, v in latency.items()))
@@ -243,14 +244,14 @@ def export_model(model: nn.Module, state: dict[str, Any], split: DecodedSplit, o
 
 def export_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path,
                       split: DecodedSplit | None = None, tolerance: float = TOLERANCE,
-                      latency_runs: int = LATENCY_RUNS, log: Log = print) -> ExportResult:
+                      latency_runs: int = LATENCY_RUNS) -> ExportResult:
     """Load `checkpoint`, take the parity images from `data_dir/<class>/*` (or `split`), export."""
     from harv_train.reporting.evaluation import load_eval_split, load_trained_model
 
     state, model = load_trained_model(checkpoint)
     if split is None:
-        split = load_eval_split(state, data_dir, log=log)
-    return export_model(model, state, split, out_dir, tolerance, latency_runs, log)
+        split = load_eval_split(state, data_dir)
+    return export_model(model, state, split, out_dir, tolerance, latency_runs)
 
 
 def read_model_card(path: str | Path) -> dict[str, Any]:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from harv_train.config import TrainConfig
+from harv_train.core.run_state import RunSummary
 
 
 def epochs_markdown(
-    summary: dict[str, Any],
+    summary: RunSummary,
     cfg: TrainConfig,
     mlflow_run_id: str | None,
     mlflow_url: str | None,
@@ -17,17 +16,17 @@ def epochs_markdown(
     lines = [
         f"# Training run: {cfg.model_name}",
         "",
-        f"Best val accuracy **{summary['best_val_acc']:.4f}** at epoch {summary['best_epoch']} "
-        f"of {summary['epoch']}" + (" (stopped early)" if summary.get("stopped_early") else ""),
+        f"Best val accuracy **{summary.best_val_acc:.4f}** at epoch {summary.best_epoch} "
+        f"of {summary.epoch}" + (" (stopped early)" if summary.stopped_early else ""),
         "",
         "| epoch | train loss | train acc | val loss | val acc | lr | train s | val s |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for m in summary["history"]:
-        mark = " *" if m["epoch"] == summary["best_epoch"] else ""
+    for m in summary.history:
+        mark = " *" if m.epoch == summary.best_epoch else ""
         lines.append(
-            f"| {m['epoch']}{mark} | {m['train_loss']:.4f} | {m['train_acc']:.4f} | {m['val_loss']:.4f} | "
-            f"{m['val_acc']:.4f} | {m['lr']:.2g} | {m['train_time_s']:.1f} | {m['val_time_s']:.1f} |"
+            f"| {m.epoch}{mark} | {m.train_loss:.4f} | {m.train_acc:.4f} | {m.val_loss:.4f} | "
+            f"{m.val_acc:.4f} | {m.lr:.2g} | {m.train_time_s:.1f} | {m.val_time_s:.1f} |"
         )
     lines += ["", f"Checkpoints: `{cfg.checkpoints_dir}` (best_model.pth, final_model.pth)", ""]
     if mlflow_run_id:

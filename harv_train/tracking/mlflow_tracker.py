@@ -1,39 +1,38 @@
 """MLflow tracking that never costs a run its training.
 
-Every call goes through `_attempt`: when the tracking store fails (server down, database locked,
-disk full), training goes on, the failure is recorded in `failures`, and later calls are skipped
-instead of each waiting out its own timeout. Per-epoch metrics are kept, so that `flush()` at the end
-of the run (or a resumed run) can log whatever is missing from the run's history: no step is lost
-and none is logged twice.
+The flow owns one `MlflowTracker` per run. Every call goes through `_attempt`: when the tracking
+store fails (server down, database locked, disk full), training goes on, the failure is recorded in
+`failures`, and later calls are skipped instead of each waiting out its own timeout. Per-epoch
+metrics are kept, so that the end of the run (or a resumed run) can log whatever is missing from the
+run's history: no step is lost and none is logged twice. Only errors of the store count as an
+outage; a bug in this code raises.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from harv_train.core.failpoints import failpoint
+from harv_train.core.run_state import LOGGED_EPOCH_METRICS, EpochMetrics
+from harv_train.tracking import registry
+from harv_train.tracking.registry import Registration, log_summary
 
-Log = Callable[[str], None]
-
-EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_time_s", "val_time_s")
+logger = logging.getLogger(__name__)
 
 
-def log_summary(client, run_id: str, metrics: dict[str, float], tags: dict[str, str] | None = None) -> None:
-    """Log run-level metrics (step 0) and tags. A value the run already holds is not logged again: a
-    resumed run logs its summary a second time, and a metric's history should not show it twice."""
-    from mlflow.entities import Metric, RunTag
+def _store_errors() -> tuple[type[BaseException], ...]:
+    """What an unreachable or failing tracking store raises: HTTP and database errors, I/O."""
+    import requests
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
 
-    held = client.get_run(run_id).data.metrics
-    now = int(time.time() * 1000)
-    fresh = [Metric(k, float(v), now, 0) for k, v in metrics.items() if held.get(k) != float(v)]
-    run_tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-    if fresh or run_tags:
-        client.log_batch(run_id, metrics=fresh, tags=run_tags)
+    return MlflowException, requests.exceptions.RequestException, sqlalchemy.exc.SQLAlchemyError, OSError
 
 
 def _one_line(exc: BaseException) -> str:
@@ -42,13 +41,12 @@ def _one_line(exc: BaseException) -> str:
 
 
 class MlflowTracker:
-    def __init__(self, tracking_uri: str, experiment: str, log: Log = print):
+    def __init__(self, tracking_uri: str, experiment: str):
         # An unreachable server should fail fast, not after MLflow's default minutes of retries.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
         self.tracking_uri = tracking_uri
         self.experiment = experiment
-        self.log = log
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.failures: list[str] = []  # what could not be logged, in order
@@ -62,17 +60,12 @@ class MlflowTracker:
         try:
             failpoint("mlflow_log")
             return fn()
-        except Exception as exc:  # any tracking failure: record it, keep training
+        except _store_errors() as exc:  # the store failed: record it, keep training
             self.down = True
             self.failures.append(f"{what}: {_one_line(exc)}")
-            self.log(f"WARNING: MLflow at {self.tracking_uri} failed while {what} ({_one_line(exc)}); "
+            logger.warning(f"WARNING: MLflow at {self.tracking_uri} failed while {what} ({_one_line(exc)}); "
                      "training goes on, checkpoints are written, logging is retried at the end of the run")
             return None
-
-    def record_failures(self, failures: list[str]) -> None:
-        """Take on what another tracker (in a task) could not log: this run is then behind too."""
-        self.failures += failures
-        self.down = self.down or bool(failures)
 
     def client(self):
         if self._client is None:
@@ -116,7 +109,7 @@ class MlflowTracker:
         history = self.client().get_metric_history(self.run_id, key)
         return {m.step for m in history}
 
-    def log_epochs(self, history: list[dict[str, Any]]) -> None:
+    def log_epochs(self, history: Sequence[EpochMetrics]) -> None:
         """Log every epoch in `history` that the run does not have yet (step = epoch number)."""
         from mlflow.entities import Metric
 
@@ -124,16 +117,16 @@ class MlflowTracker:
             done = self.logged_steps()
             now = int(time.time() * 1000)
             metrics = [
-                Metric(key, float(entry[key]), now, int(entry["epoch"]))
+                Metric(key, float(getattr(entry, key)), now, entry.epoch)
                 for entry in history
-                if int(entry["epoch"]) not in done
-                for key in EPOCH_METRICS
+                if entry.epoch not in done
+                for key in LOGGED_EPOCH_METRICS
             ]
             if metrics:
                 self.client().log_batch(self.run_id, metrics=metrics)
 
         if self.run_id:
-            self._attempt(f"logging epoch {history[-1]['epoch'] if history else 0}", _log)
+            self._attempt(f"logging epoch {history[-1].epoch if history else 0}", _log)
 
     def log_metrics(self, metrics: dict[str, float], what: str = "logging summary metrics") -> None:
         if self.run_id:
@@ -196,11 +189,9 @@ class MlflowTracker:
 
         return self._attempt("logging the model", _log) if self.run_id else None
 
-    def register_model(self, name: str, model_uri: str, val_acc: float):
+    def register_model(self, name: str, model_uri: str, val_acc: float) -> Registration | None:
         """Register the run's logged model under `name`, moving `champion` only when it is better
         (harv_train.tracking.registry); returns the Registration, or None when it failed (recorded as a failure)."""
-        from harv_train.tracking import registry
-
         if not self.run_id:
             return None
         return self._attempt(f"registering the model as {name}", lambda: registry.register_and_promote(
@@ -221,8 +212,21 @@ class MlflowTracker:
         else:
             self._attempt("reconnecting", lambda: self.client().search_experiments(max_results=1))
         if not self.down:
-            self.log(f"MLflow at {self.tracking_uri} is reachable again: logging what was missed")
+            logger.info(f"MLflow at {self.tracking_uri} is reachable again: logging what was missed")
         return not self.down
+
+    def log_evaluation(self, report) -> None:
+        """An EvalReport: eval_* metrics and the report's files under evaluation/."""
+        metrics = {f"eval_{k}": v for k, v in report.metrics.summary().items()}
+        self.log_metrics({**metrics, "eval_loss": report.loss}, "logging the evaluation metrics")
+        for path in report.files.values():
+            self.log_artifact(path, "evaluation")
+
+    def log_export(self, result) -> None:
+        """An ExportResult: parity and latency metrics and the exported files under export/."""
+        self.log_metrics(result.metrics(), "logging the export checks")
+        for path in result.files.values():
+            self.log_artifact(path, "export")
 
     def run_url(self) -> str | None:
         """Where the run shows in a browser: the server itself, or `mlflow ui` on its default port."""

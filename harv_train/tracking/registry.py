@@ -9,6 +9,7 @@ back later. Plain functions over an `MlflowClient`: no Prefect, any tracking sto
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 CHAMPION = "champion"
@@ -39,6 +40,19 @@ class Registration:
         verdict = f"now @{CHAMPION}" if self.promoted else f"@{CHAMPION} unchanged"
         return (f"Registered {self.name} version {self.version} (val accuracy {self.val_acc:.4f}); "
                 f"{before}; {verdict}")
+
+
+def log_summary(client, run_id: str, metrics: dict[str, float], tags: dict[str, str] | None = None) -> None:
+    """Log run-level metrics (step 0) and tags. A value the run already holds is not logged again: a
+    resumed run logs its summary a second time, and a metric's history should not show it twice."""
+    from mlflow.entities import Metric, RunTag
+
+    held = client.get_run(run_id).data.metrics
+    now = int(time.time() * 1000)
+    fresh = [Metric(k, float(v), now, 0) for k, v in metrics.items() if held.get(k) != float(v)]
+    run_tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    if fresh or run_tags:
+        client.log_batch(run_id, metrics=fresh, tags=run_tags)
 
 
 def _fmt(value: float | None) -> str:
@@ -113,8 +127,6 @@ def register_and_promote(
     Safe to repeat (a resumed run): a model registered before is not registered again, and a
     decision is made once. Its inputs are tagged on the version before the alias moves and
     `promoted` is tagged last, so a run killed in between finishes the same decision."""
-    from harv_train.tracking.mlflow_tracker import log_summary
-
     ensure_registered_model(client, name)
     version = registered_version(client, name, model_uri)
     if version is None:
@@ -169,6 +181,7 @@ __all__ = [
     "Registration",
     "current_champion",
     "ensure_registered_model",
+    "log_summary",
     "register_and_promote",
     "registered_version",
     "should_promote",

@@ -1,7 +1,8 @@
-"""A run as restartable steps, without Prefect: epochs, best/last/final, resume, early stopping."""
+"""A run as restartable steps, without Prefect: epochs, best/last/final, resume, retries, early stopping."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -9,35 +10,40 @@ import pytest
 import torch
 
 from harv_train.core import checkpoints as ckpt
-from harv_train.core import trainer
+from harv_train.core import session as session_module
+from harv_train.core.checks import check_resumable, check_writable
 from harv_train.core.early_stopping import EarlyStopping
+from harv_train.core.run_state import build_optimizer
+from harv_train.core.session import TrainingSession
 from harv_train.errors import CheckpointError
-
-quiet = lambda _: None  # noqa: E731
 
 
 def _train(cfg, epochs=None):
-    splits = trainer.load_data(cfg, quiet)
-    trainer.start_run(cfg, splits["train"].classes, None, quiet)
-    return [trainer.run_epoch(cfg, e, quiet, progress=False) for e in range(epochs or cfg.epochs)]
+    session = TrainingSession(cfg)
+    session.start(None)
+    return [session.train_epoch(e, progress=False) for e in range(epochs or cfg.epochs)]
 
 
 def _comparable(history):
-    return [{k: m[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr")} for m in history]
+    return [{k: getattr(m, k) for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr")} for m in history]
+
+
+def _archive(cfg):
+    return ckpt.archive_previous_checkpoints(cfg.checkpoints_dir, (cfg.eval_dir, cfg.export_dir))
 
 
 def test_epochs_write_last_best_and_final(make_config):
     cfg = make_config(epochs=2)
     history = _train(cfg)
-    summary = trainer.finish_run(cfg)
-    assert [m["epoch"] for m in history] == [1, 2]
+    summary = TrainingSession(cfg).finish()
+    assert [m.epoch for m in history] == [1, 2]
     for name in (ckpt.LAST, ckpt.BEST, ckpt.FINAL):
         state = torch.load(cfg.checkpoints_dir / name, weights_only=True)
         assert state["classes"] == ["cat", "dog"] and state["params"]["lr"] == cfg.lr
         assert {"model", "optimizer", "scheduler", "early_stopping", "best_val_acc"} <= set(state)
-    assert summary["epoch"] == 2
+    assert summary.epoch == 2
     best = torch.load(cfg.checkpoints_dir / ckpt.BEST, weights_only=True)
-    assert best["best_val_acc"] == max(m["val_acc"] for m in history)
+    assert best["best_val_acc"] == max(m.val_acc for m in history)
 
 
 def test_same_seed_gives_identical_metrics(make_config, tmp_path):
@@ -50,16 +56,29 @@ def test_resume_in_a_fresh_process_state_equals_an_uninterrupted_run(make_config
     straight = _train(make_config(artifacts_dir=str(tmp_path / "straight"), epochs=3))
     cfg = make_config(artifacts_dir=str(tmp_path / "resumed"), epochs=3)
     _train(cfg, epochs=1)
-    trainer._session = None  # what a new process has: nothing but the files
-    trainer.resume_run(cfg, ["cat", "dog"], quiet)
-    rest = [trainer.run_epoch(cfg, e, quiet, progress=False) for e in (1, 2)]
+    fresh = TrainingSession(cfg)  # what a new process has: nothing but the files
+    fresh.resume()
+    rest = [fresh.train_epoch(e, progress=False) for e in (1, 2)]
     assert _comparable(rest) == _comparable(straight[1:])
 
 
-def test_an_epoch_trains_from_last_pth_as_it_is_on_disk_even_after_this_process_wrote_it(make_config, tmp_path):
-    """The process skips re-reading its own last write, but never past a file someone replaced."""
+def test_a_failed_epoch_drops_the_live_state_and_the_retry_trains_from_last_pth(make_config, tmp_path, monkeypatch):
+    """The live state is the session's until an epoch fails; then last.pth, as it is on disk, is the truth."""
     cfg = make_config(epochs=2)
-    _train(cfg, epochs=1)
+    session = TrainingSession(cfg)
+    session.start(None)
+    session.train_epoch(0, progress=False)
+    real = session_module.train_one_epoch
+
+    def fails_after_stepping(*args, **kwargs):
+        real(*args, **kwargs)  # the weights in memory have moved on...
+        raise OSError("simulated I/O error")  # ...and the epoch fails
+
+    monkeypatch.setattr(session_module, "train_one_epoch", fails_after_stepping)
+    with pytest.raises(OSError):
+        session.train_epoch(1, progress=False)
+    assert session.state is None
+    monkeypatch.setattr(session_module, "train_one_epoch", real)
     last = cfg.checkpoints_dir / ckpt.LAST
     state = ckpt.load_checkpoint(last)
     # The trainable head only: frozen weights are the run's by definition (its folded prefix and
@@ -67,20 +86,19 @@ def test_an_epoch_trains_from_last_pth_as_it_is_on_disk_even_after_this_process_
     state["model"] = {k: v * 0.5 if k.startswith("classifier") else v for k, v in state["model"].items()}
     ckpt.save_checkpoint(state, last)
     replaced = last.read_bytes()
-    this_process = trainer.run_epoch(cfg, 1, quiet, progress=False)
+    retried = session.train_epoch(1, progress=False)
     last.write_bytes(replaced)
-    trainer._session = None  # a new process: nothing but the file
-    fresh_process = trainer.run_epoch(cfg, 1, quiet, progress=False)
-    assert _comparable([this_process]) == _comparable([fresh_process])
+    fresh_process = TrainingSession(cfg).train_epoch(1, progress=False)
+    assert _comparable([retried]) == _comparable([fresh_process])
     untouched = _train(make_config(epochs=2, artifacts_dir=str(tmp_path / "untouched")))[1]
-    assert _comparable([untouched]) != _comparable([this_process])  # the replaced weights did count
+    assert _comparable([untouched]) != _comparable([retried])  # the replaced weights did count
 
 
 def test_an_epoch_already_in_the_checkpoint_is_not_trained_again(make_config):
     cfg = make_config(epochs=1)
     first = _train(cfg)[0]
-    again = trainer.run_epoch(cfg, 0, quiet, progress=False)
-    assert again["skipped"] and again["val_acc"] == first["val_acc"]
+    again = TrainingSession(cfg).train_epoch(0, progress=False)
+    assert again == first  # read back from last.pth, not trained again
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(make_config):
@@ -88,21 +106,21 @@ def test_resume_refuses_a_checkpoint_of_another_model(make_config):
     _train(cfg)
     other = make_config(model_name="efficientnet_b0")
     with pytest.raises(CheckpointError, match="was trained as mobilenet_v3_small .* this run is efficientnet_b0"):
-        trainer.resume_run(other, ["cat", "dog"], quiet)
+        check_resumable(other, ["cat", "dog"])
 
 
 def test_resume_refuses_another_class_set(make_config):
     cfg = make_config(epochs=1)
     _train(cfg)
     with pytest.raises(CheckpointError, match=r"on classes \['cat', 'dog'\].* on \['cat', 'cow'\]"):
-        trainer.resume_run(cfg, ["cat", "cow"], quiet)
+        check_resumable(cfg, ["cat", "cow"])
 
 
 def test_a_fresh_run_keeps_the_earlier_runs_checkpoints(make_config):
     cfg = make_config(epochs=1)
     _train(cfg)
     old_best = (cfg.checkpoints_dir / ckpt.BEST).read_bytes()
-    kept = trainer.archive_previous_checkpoints(cfg, quiet)
+    kept = _archive(cfg)
     assert kept is not None and (kept / ckpt.BEST).read_bytes() == old_best
     assert not cfg.checkpoints_dir.exists()
 
@@ -113,10 +131,10 @@ def test_kept_checkpoints_are_named_by_their_last_write_and_take_their_report_al
     for path in cfg.checkpoints_dir.glob("*.pth"):
         os.utime(path, (1_600_000_000, 1_600_000_000))
     os.utime(cfg.checkpoints_dir / ckpt.LAST, (1_700_000_000, 1_700_000_000))
-    trainer.check_writable(cfg.checkpoints_dir)  # touches the folder, not the checkpoints
+    check_writable(cfg.checkpoints_dir)  # touches the folder, not the checkpoints
     (cfg.checkpoints_dir.parent / "eval").mkdir()
     (cfg.checkpoints_dir.parent / "eval" / "report.json").write_text("{}")
-    kept = trainer.archive_previous_checkpoints(cfg, quiet)
+    kept = _archive(cfg)
     assert kept.name == "checkpoints-" + time.strftime("%Y%m%d-%H%M%S", time.localtime(1_700_000_000))
     assert (kept / "eval" / "report.json").is_file() and not (cfg.checkpoints_dir.parent / "eval").exists()
 
@@ -138,9 +156,7 @@ def test_early_stopping_counts_epochs_without_a_better_accuracy():
 
 def test_early_stopping_ends_training(make_config):
     cfg = make_config(epochs=6, early_stopping_patience=1, lr=1e-9)
-    splits = trainer.load_data(cfg, quiet)
-    trainer.start_run(cfg, splits["train"].classes, None, quiet)
-    stops = [trainer.run_epoch(cfg, e, quiet, progress=False)["stop"] for e in range(2)]
+    stops = [m.stop for m in _train(cfg, epochs=2)]
     assert stops == [False, True]
 
 
@@ -151,7 +167,7 @@ def test_optimizer_resumes_as_fused_adam_with_the_checkpoints_moments(make_confi
     unfused = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     model(torch.randn(4, 3)).sum().backward()
     unfused.step()
-    optimizer = trainer.build_optimizer(cfg, model, unfused.state_dict())
+    optimizer = build_optimizer(cfg, model, unfused.state_dict())
     assert all(group["fused"] for group in optimizer.param_groups)
     moment = optimizer.state[model.weight]["exp_avg"].clone()
     assert torch.equal(moment, unfused.state[model.weight]["exp_avg"])
@@ -159,8 +175,17 @@ def test_optimizer_resumes_as_fused_adam_with_the_checkpoints_moments(make_confi
     assert not torch.equal(optimizer.state[model.weight]["exp_avg"], moment)
 
 
-def test_resume_names_the_params_that_differ_from_the_run(make_config):
+def test_resume_names_the_params_that_differ_from_the_run(make_config, caplog):
     _train(make_config(epochs=1))
-    logged: list[str] = []
-    trainer.resume_run(make_config(epochs=3, registered_model_name="other"), ["cat", "dog"], logged.append)
-    assert logged[-1] == "Params differ from the run being resumed: epochs 1 -> 3, registered_model_name None -> 'other'"
+    with caplog.at_level(logging.INFO, logger="harv_train"):
+        TrainingSession(make_config(epochs=3, registered_model_name="other")).resume()
+    assert caplog.messages[-1] == "Params differ from the run being resumed: epochs 1 -> 3, registered_model_name None -> 'other'"
+
+
+def test_a_retried_epoch_that_last_pth_already_holds_still_says_whether_to_stop(make_config):
+    """A retry after last.pth was written (the task failed later) must not lose the early-stopping
+    decision: the flow reads `stop` from every epoch's result."""
+    cfg = make_config(epochs=6, early_stopping_patience=1, lr=1e-9)
+    done = _train(cfg, epochs=2)
+    again = TrainingSession(cfg).train_epoch(1, progress=False)
+    assert again.stop and again == done[1]
