@@ -12,7 +12,7 @@ import pytest
 from conftest import lock_held_elsewhere
 from flows.train_flow import main
 from harv_train.core import checkpoints as ckpt
-from harv_train.config import write_params_file
+from harv_train.config import load_config, write_params_file
 from tests.trained import start_run, train_epochs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -128,4 +128,26 @@ def test_help_and_usage_errors_answer_with_argparse_codes_before_any_server(scri
                             text=True, timeout=120)
     assert result.returncode == code, result.stderr
     assert "Prefect" not in result.stdout + result.stderr
+
+
+def test_command_line_trains_on_images_that_do_not_fit_the_cache(image_folder, tmp_path):
+    """Out of cache, the images are decoded by DataLoader worker processes (num_workers, default 2),
+    forked after the flow run's Prefect log service started: every worker ended with exit code 1 and
+    each epoch failed with "DataLoader worker (pid ...) exited unexpectedly"."""
+    assert load_config(REPO / "params.yaml").num_workers > 0  # what this test is about: the default
+    settings = {
+        "pretrained": "false", "epochs": "1", "batch_size": "4", "img_size": "32", "classes": "null",
+        "data_dir": str(image_folder), "artifacts_dir": str(tmp_path / "artifacts"),
+        "mlflow_tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "registered_model_name": "null",
+        "export": "false", "epoch_retries": "0",
+        "cache_max_mb": "0",  # never cached: every batch comes from the worker processes
+    }
+    result = subprocess.run(  # in tmp_path: MLflow's default artifact root (./mlruns) lands there
+        [sys.executable, str(REPO / "flows" / "train_flow.py"), "--params", str(REPO / "params.yaml"),
+         *(a for k, v in settings.items() for a in ("--set", f"{k}={v}"))],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "exited unexpectedly" not in result.stdout + result.stderr
+    assert (tmp_path / "artifacts" / "checkpoints" / ckpt.BEST).is_file()
 

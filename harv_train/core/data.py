@@ -10,6 +10,7 @@ random augmentation runs on them afterwards (harv_train/core/augment.py).
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,10 +170,23 @@ class DecodedSplit:
             _StreamedImages(self.paths, self.img_size, self.interpolation),
             batch_sampler=[c.tolist() for c in chunks],
             num_workers=num_workers,
+            worker_init_fn=_drop_inherited_exit_hooks,
         )
         for images, idx in loader:
             yield images, self.labels[idx]
 
+
+def _drop_inherited_exit_hooks(worker_id: int) -> None:
+    """In each DataLoader worker, first thing: forget the thread-exit hooks copied from the parent.
+
+    A worker is a fork, and multiprocessing runs the hooks registered with threading's
+    `_register_atexit` when it ends. Those are the parent's, for threads the worker does not have:
+    Prefect's log and event services (started by a flow run's first log line) register one that
+    fails in a fork (AssertionError), which ended every worker with exit code 1, silently, and the
+    DataLoader then raised "worker exited unexpectedly"."""
+    hooks = getattr(threading, "_threading_atexits", None)
+    if hooks is not None:
+        hooks.clear()
 
 
 class _StreamedImages(torch.utils.data.Dataset):
