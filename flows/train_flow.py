@@ -51,6 +51,7 @@ import logging
 
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.exceptions import ExternalSignal
 from prefect.states import Completed, Failed
 
 from harv_train.cli.commands import run_flow_command
@@ -109,8 +110,10 @@ def _train(cfg: TrainConfig, session: TrainingSession, data: DataSummary, resume
     try:
         summary = _train_tracked(cfg, session, data, resume, tracker, previous_run)
     except BaseException as exc:
-        # The MLflow run shows how the flow run ended (--resume reopens it); a SIGKILL leaves it RUNNING.
-        tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        # The MLflow run shows how the flow run ended (--resume reopens it): stopped from outside (Ctrl-C,
+        # SIGTERM from a scheduler, which Prefect raises as TerminationSignal) or failed. A SIGKILL
+        # leaves it RUNNING.
+        tracker.end("KILLED" if isinstance(exc, (KeyboardInterrupt, ExternalSignal)) else "FAILED")
         raise
     logger.info(f"Total time: {time.perf_counter() - started:.1f}s")
     _publish_summary(cfg, tracker, summary)
