@@ -86,12 +86,47 @@ def test_bad_images_can_be_skipped_and_are_reported(image_folder, caplog):
     assert [m.startswith("skipping unreadable image") and "skip_bad_images" not in m for m in logged] == [True, True]
 
 
-@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P", "I;16"])
-def test_any_image_mode_becomes_rgb(tmp_path, mode):
-    path = tmp_path / ("x.tiff" if mode in ("CMYK", "I;16") else "x.png")
-    Image.new(mode, (50, 30)).save(path)
+def _palette_image(colour):
+    img = Image.new("P", (50, 30), 1)
+    img.putpalette([0, 0, 0, *colour] + [0] * (256 * 3 - 6))
+    return img
+
+
+@pytest.mark.parametrize(("make", "suffix", "rgb"), [
+    (lambda: Image.new("L", (50, 30), 77), "png", (77, 77, 77)),
+    (lambda: _palette_image((12, 34, 56)), "png", (12, 34, 56)),
+    (lambda: _palette_image((12, 34, 56)), "gif", (12, 34, 56)),
+    # Fully transparent: the colour under the alpha stays, no background is blended in (alpha dropped).
+    (lambda: Image.new("RGBA", (50, 30), (10, 20, 30, 0)), "png", (10, 20, 30)),
+    (lambda: Image.new("RGBA", (50, 30), (200, 100, 50, 128)), "png", (200, 100, 50)),
+    (lambda: Image.new("LA", (50, 30), (90, 0)), "png", (90, 90, 90)),
+    # CMYK: each channel (255 - ink) * (255 - black) / 255.
+    (lambda: Image.new("CMYK", (50, 30), (255, 0, 0, 0)), "tiff", (0, 255, 255)),
+    (lambda: Image.new("CMYK", (50, 30), (20, 40, 60, 10)), "tiff", (226, 207, 187)),
+    (lambda: Image.new("CMYK", (50, 30), (0, 0, 0, 255)), "jpg", (0, 0, 0)),
+], ids=["L", "P-png", "P-gif", "RGBA-transparent", "RGBA-half", "LA", "CMYK-cyan", "CMYK-mixed", "CMYK-jpeg-black"])
+def test_any_image_mode_becomes_its_rgb_colour(tmp_path, make, suffix, rgb):
+    path = tmp_path / f"x.{suffix}"
+    make().save(path)
     tensor = decode_image(path, 32, "bilinear")
     assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.uint8
+    tolerance = 2 if suffix == "jpg" else 0
+    for channel, value in zip(tensor, rgb):
+        assert int(channel.min()) >= value - tolerance and int(channel.max()) <= value + tolerance, (tensor[:, 0, 0], rgb)
+
+
+@pytest.mark.parametrize("suffix", ["png", "tiff"])
+@pytest.mark.xfail(strict=True, reason=(
+    "bug, reported in issue 19: harv_train/core/data.py converts with PIL's convert('RGB'), which clips a "
+    "16-bit image at 255 instead of scaling it: every value of 255/65535 and up becomes white"))
+def test_a_16_bit_image_is_scaled_to_8_bits(tmp_path, suffix):
+    """0..65535 maps onto 0..255 (value / 257), as 8-bit tools show a 16-bit image."""
+    levels = np.array([0, 257, 128 * 257, 65535], dtype=np.uint16)
+    Image.fromarray(np.repeat(levels, 8).reshape(4, 8).repeat(8, axis=0)).save(tmp_path / f"x.{suffix}")
+    with Image.open(tmp_path / f"x.{suffix}") as img:
+        assert img.mode == "I;16"
+    tensor = decode_image(tmp_path / f"x.{suffix}", 32, "bilinear")
+    assert tensor[:, ::8, 0].tolist() == [[0, 1, 128, 255]] * 3
 
 
 def test_huge_jpeg_is_decoded_at_reduced_scale(tmp_path):
