@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -108,10 +109,11 @@ def test_a_second_run_on_the_same_artifacts_dir_is_refused(make_config, tmp_path
 
 
 def test_command_line_prints_no_traceback(tmp_path):
-    """The real command, as a user runs it."""
+    """The real command, as a user runs it (in tmp_path: its default artifacts_dir is ./artifacts)."""
     result = subprocess.run(
-        [sys.executable, "flows/train_flow.py", "--set", f"data_dir={tmp_path / 'nowhere'}", "--set", "classes=null"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [sys.executable, str(REPO / "flows" / "train_flow.py"), "--params", str(REPO / "params.yaml"),
+         "--set", f"data_dir={tmp_path / 'nowhere'}", "--set", "classes=null"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: data_dir") and "Traceback" not in result.stderr
@@ -119,15 +121,57 @@ def test_command_line_prints_no_traceback(tmp_path):
     assert "Prefect: temporary server" not in result.stdout  # bad input never reaches the flow
 
 
+# Loaded first thing by every Python process started with it on PYTHONPATH: records each process it
+# starts (Prefect's temporary server is one) and the moment Prefect is imported, in the file named by
+# $PROCESS_LOG, as it happens (the command ends with os._exit: no exit hook of ours would run).
+_RECORDER = """
+import os, subprocess, sys
+_log = os.environ["PROCESS_LOG"]
+def _record(line):
+    with open(_log, "a") as f:
+        f.write(line + "\\n")
+_popen_init = subprocess.Popen.__init__
+def _init(self, args, *a, **k):
+    _record("started " + " ".join(map(str, args if isinstance(args, (list, tuple)) else [args])))
+    _popen_init(self, args, *a, **k)
+subprocess.Popen.__init__ = _init
+class _Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "prefect":
+            _record("imported prefect")
+        return None
+sys.meta_path.insert(0, _Watch())
+"""
+
+
+def _run_recorded(tmp_path, *args):
+    recorder = tmp_path / "recorder"
+    recorder.mkdir(exist_ok=True)
+    (recorder / "sitecustomize.py").write_text(_RECORDER)
+    log = tmp_path / "processes.log"
+    log.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(recorder), "PROCESS_LOG": str(log)}
+    env.pop("PREFECT_API_URL", None)  # with none, the command would start Prefect's temporary server
+    result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    return result, (log.read_text().splitlines() if log.exists() else [])
+
+
+def test_the_process_recorder_sees_the_early_server_start(tmp_path):
+    """The check below is only worth something if it sees a server being started."""
+    _, events = _run_recorded(tmp_path, "-c", "from harv_train.cli.startup import start_early_server\n"
+                              "server = start_early_server(); server.stop()")
+    assert any(e.startswith("started ") and "uvicorn" in e and "prefect.server" in e for e in events), events
+
+
 @pytest.mark.parametrize(("script", "args", "code"), [
     ("train_flow.py", ["--help"], 0), ("train_flow.py", ["--bogus"], 2), ("train_flow.py", ["--set", "lr"], 2),
+    ("train_flow.py", ["--set", "epochs=three"], 2),
     ("evaluate_flow.py", ["--help"], 0), ("evaluate_flow.py", ["--checkpoint", "x.pth"], 2),
 ])
-def test_help_and_usage_errors_answer_with_argparse_codes_before_any_server(script, args, code):
-    result = subprocess.run([sys.executable, f"flows/{script}", *args], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
+def test_help_and_usage_errors_answer_with_argparse_codes_before_any_server(tmp_path, script, args, code):
+    result, events = _run_recorded(tmp_path, f"flows/{script}", *args)
     assert result.returncode == code, result.stderr
-    assert "Prefect" not in result.stdout + result.stderr
+    assert events == [], events  # no process started (no server), Prefect not even imported
 
 
 def test_command_line_trains_on_images_that_do_not_fit_the_cache(image_folder, tmp_path):
