@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -29,8 +31,39 @@ yaml_values = st.recursive(yaml_scalars, lambda inner: st.lists(inner, max_size=
 keys = st.one_of(st.sampled_from(VALID_KEYS), st.text(max_size=12))
 
 
-@settings(max_examples=400, deadline=None)
-@given(st.dictionaries(keys, yaml_values, max_size=6))
+def _valid_value(field) -> st.SearchStrategy:
+    """Values a param's type and bounds accept (read from its pydantic field), or its default."""
+    annotation, bounds = field.annotation, {type(m).__name__: m for m in field.metadata}
+    pattern = next((m.pattern for m in field.metadata if getattr(m, "pattern", None)), None)
+    if typing.get_origin(annotation) is typing.Literal:
+        return st.sampled_from(typing.get_args(annotation))
+    if annotation is bool:
+        return st.booleans()
+    if annotation is int:
+        low = getattr(bounds.get("Ge"), "ge", 0)
+        return st.integers(low, getattr(bounds.get("Le"), "le", low + 500))
+    if annotation is float:
+        low = getattr(bounds.get("Ge"), "ge", None)
+        low = getattr(bounds.get("Gt"), "gt", 0.0) if low is None else low
+        high = getattr(bounds.get("Le"), "le", None)
+        high = getattr(bounds.get("Lt"), "lt", 10.0) if high is None else high
+        return st.floats(low, high, exclude_min="Gt" in bounds, exclude_max="Lt" in bounds)
+    if annotation is str and pattern:
+        return st.from_regex(pattern, fullmatch=pattern.startswith("^")).filter(lambda v: "\n" not in v)
+    if field.default is None:  # the optional lists and paths: null, or a plain value
+        return st.one_of(st.none(), st.just(["a", "b"]), st.just("some/path"))
+    return st.just(field.default)
+
+
+# Mappings of valid values, some given in the wrong kind: most validate, so that the branch that checks
+# a valid config runs with many keys given.
+_section = st.fixed_dictionaries({}, optional={k: _valid_value(f) for k, f in DistributedConfig.model_fields.items()})
+plausible_mappings = st.fixed_dictionaries({}, optional={
+    k: _section if k == "distributed" else _valid_value(f) for k, f in TrainConfig.model_fields.items()})
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.one_of(st.dictionaries(keys, yaml_values, max_size=6), plausible_mappings))
 def test_any_mapping_either_validates_or_gives_a_one_line_error(raw):
     try:
         cfg = config_from_mapping(raw)
@@ -38,8 +71,27 @@ def test_any_mapping_either_validates_or_gives_a_one_line_error(raw):
         message = str(exc)
         assert message and "\n" not in message
     else:
+        # It holds exactly what was given, and the defaults for the rest; what a run writes to
+        # params.yaml reads back as the same config.
         assert isinstance(cfg, TrainConfig)
-        assert config_from_mapping(cfg.to_dict()) == cfg  # what a run writes to params.yaml reads back
+        values, defaults = cfg.to_dict(), TrainConfig().to_dict()
+        for key, default in defaults.items():
+            given = raw.get(key, default)
+            if key == "distributed" and isinstance(given, dict):
+                given = {**default, **given}
+            assert _same(values[key], given), (key, values[key], given)
+        assert config_from_mapping(values) == cfg
+
+
+def _same(a, b) -> bool:
+    """Equal as YAML values: nan equals nan, a list equals a tuple with the same items."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
 
 
 @settings(max_examples=100, deadline=None)
