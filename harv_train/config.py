@@ -172,19 +172,30 @@ class TrainConfig(BaseModel):
         description="Torch device: auto (CUDA when present, else CPU), cpu, cuda or cuda:N.",
     )
     num_workers: int = Field(
-        2, ge=0, description="Decoding processes, used only when the images do not fit cache_max_mb."
+        2, ge=0, description="Processes that decode images into the decoded-image cache (0: the run's own process)."
     )
     threads: Annotated[int, MustBe(note="0 uses every available core")] = Field(
         0, ge=0, description="Torch compute threads; 0 uses every core the process may run on."
     )
     channels_last: bool = Field(True, description="NHWC memory layout (1.3-1.6x faster convolutions on CPU).")
-    cache_max_mb: Annotated[int, MustBe(note="0 never caches")] = Field(
+    cache_max_mb: Annotated[int, MustBe(note="0 always reads from the disk cache")] = Field(
         2048,
         ge=0,
-        description="Decoded images of a split are kept in memory up to this many MiB, else decoded per batch.",
+        description="A split whose decoded images take up to this many MiB is held in memory; a larger one is "
+        "read from the disk cache batch by batch.",
+    )
+    cache_dir: Annotated[NonEmptyStr | None, MustBe("null or a directory path")] = Field(
+        None,
+        description="Folder of the decoded-image cache and of torch.compile's kernels; null: $HARV_TRAIN_CACHE_DIR, "
+        "else $XDG_CACHE_HOME/harv-train, else ~/.cache/harv-train.",
     )
     skip_bad_images: bool = Field(
         False, description="Log and skip unreadable images (counted in MLflow) instead of stopping."
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the trainable part of the network: faster steps after a compile of about a "
+        "minute per run (docs/data-at-scale.md says when it pays).",
     )
     export: bool = Field(
         True,
