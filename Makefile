@@ -10,7 +10,7 @@ DEMO_DATA ?= data/demo
 DEMO_SET := --set model_name=efficientnet_lite0 --set data_dir=$(DEMO_DATA) --set classes=null \
             --set artifacts_dir=artifacts/demo --set registered_model_name=harv-train-demo
 
-.PHONY: install demo demo-data train test clean mlflow-ui server worker deploy mlflow-server
+.PHONY: install demo demo-data train test clean clean-cache mlflow-ui server worker deploy mlflow-server
 
 install: $(STAMP)
 
@@ -70,5 +70,12 @@ mlflow-server: install
 	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlserver/mlflow.db \
 	  --artifacts-destination $(CURDIR)/mlserver/artifacts --host 127.0.0.1 --port $(MLFLOW_SERVER_PORT)
 
-clean:
+# The decoded-image cache and torch.compile's kernels (docs/data-at-scale.md): in cache_dir of
+# params.yaml, by default ~/.cache/harv-train; 150 KB an image at 224 px. The next run decodes again.
+clean-cache:
+	@if [ -x $(PY) ]; then $(PY) -m harv_train.core.decoded_cache clear --params params.yaml; \
+	else d="$${HARV_TRAIN_CACHE_DIR:-$${XDG_CACHE_HOME:-$$HOME/.cache}/harv-train}"; \
+	  rm -rf "$$d/decoded" "$$d/inductor" && echo "removed $$d/decoded $$d/inductor"; fi
+
+clean: clean-cache
 	rm -rf artifacts/demo $(DEMO_DATA) .pytest_cache
