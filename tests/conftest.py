@@ -6,6 +6,11 @@ import os
 import tempfile
 from pathlib import Path
 
+# The tests see no GPU unless HARV_TRAIN_GPU_TESTS=1 (benchmarks/gpu_check.sh): on a machine with one,
+# device auto stays the CPU and the CPU tests compute what they compute in CI.
+if os.environ.get("HARV_TRAIN_GPU_TESTS") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
 # Before anything imports Prefect: never touch the user's ~/.prefect, no telemetry, and the
 # tests' own temporary server rather than whatever PREFECT_API_URL the shell has.
 _PREFECT_HOME = tempfile.mkdtemp(prefix="harv-train-prefect-")

@@ -15,6 +15,11 @@ Why the code looks the way it does (each measured here, 2 CPU cores):
   can then skip the clamps that cannot change it (a factor at most 1 blends towards a value in range).
 - Pixels stay on the 0-255 scale until Normalize, which takes ToTensor's division by 255 along.
 - Flip and rotation are one sampling grid, built from two broadcast products (no batched matmul).
+
+On a GPU the opposite holds: each op is a kernel launch of a few microseconds, so the whole batch goes
+through every pass at once and the jitter takes per-sample factors as [B, 1, 1, 1] tensors (about 40
+launches a batch, whatever its size). Same draws, same pixels within float rounding
+(tests/test_gpu.py compares the two paths).
 """
 
 from __future__ import annotations
@@ -110,6 +115,20 @@ class AugmentParams:
         return AugmentParams(self.flip[rows], self.angle[rows], self.factors[:, rows], self.order[rows])
 
 
+def draws_to(draws: list[AugmentParams], device: torch.device) -> list[AugmentParams]:
+    """An epoch's draws on `device` in four copies instead of four per batch: a copy from pageable host
+    memory waits for the GPU to finish its queue, which would stall every step."""
+    if device.type == "cpu" or not draws:
+        return draws
+    sizes = [len(d.flip) for d in draws]
+
+    def moved(tensors: list[torch.Tensor], dim: int = 0) -> tuple[torch.Tensor, ...]:
+        return torch.cat(tensors, dim).to(device).split(sizes, dim)
+
+    return [AugmentParams(*p) for p in zip(moved([d.flip for d in draws]), moved([d.angle for d in draws]),
+                                           moved([d.factors for d in draws], 1), moved([d.order for d in draws]))]
+
+
 def draw_augmentation(b: int, generator: torch.Generator) -> AugmentParams:
     # All randomness is drawn on the CPU from `generator`, so a seed fixes it on any device.
     flip = torch.rand(b, generator=generator) < 0.5
@@ -125,10 +144,14 @@ def apply_augmentation(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     memory_format: torch.memory_format = torch.contiguous_format,
+    batched: bool | None = None,
 ) -> torch.Tensor:
     """Flip, rotation and colour jitter with the given draws, then normalize. Float32 [B, 3, H, W]
-    in `memory_format` (channels_last saves the network a copy)."""
+    in `memory_format` (channels_last saves the network a copy). `batched` (default: on any device but
+    the CPU) takes the whole batch through each pass at once."""
     device = x_uint8.device
+    if batched if batched is not None else device.type != "cpu":
+        return _apply_batched(x_uint8, params, mean, std, memory_format)
     flip, angle = params.flip.to(device), params.angle.to(device)
     factors, orders = params.factors.t().tolist(), params.order.tolist()
     luma = torch.tensor(_GRAY, device=device)
@@ -141,6 +164,37 @@ def apply_augmentation(
         _normalize_(x, mean, std)
         out[rows] = x
     return out
+
+
+def _color_jitter_batch_(x: torch.Tensor, order: torch.Tensor, factors: torch.Tensor) -> None:
+    """`_color_jitter_` on a whole batch [B, 3, H, W] in place: at each of the three steps every sample
+    blends towards its own op's target (0 for brightness, its mean luma for contrast, each pixel's luma
+    for saturation) with its own factor. Clamping after every step, where the per-image version skips the
+    clamps that cannot change anything, differs only by float rounding."""
+    b = x.shape[0]
+    factors = factors.to(x.dtype)
+    for step in range(3):
+        op = order[:, step]
+        f = factors.gather(0, op.view(1, b)).view(b, 1, 1, 1)
+        op = op.view(b, 1, 1, 1)
+        gray = (x[:, 0:1] * _GRAY[0]).add_(x[:, 1:2], alpha=_GRAY[1]).add_(x[:, 2:3], alpha=_GRAY[2])
+        target = torch.where(op == CONTRAST, gray.mean(dim=(2, 3), keepdim=True), gray)
+        target.mul_((op != BRIGHTNESS) * (1 - f))
+        x.mul_(f).add_(target).clamp_(0, _TOP)
+
+
+def _apply_batched(
+    x_uint8: torch.Tensor,
+    params: AugmentParams,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    memory_format: torch.memory_format,
+) -> torch.Tensor:
+    device = x_uint8.device
+    x = _flip_and_rotate(x_uint8.float(), params.flip.to(device), params.angle.to(device))
+    _color_jitter_batch_(x, params.order.to(device), params.factors.to(device))
+    _normalize_(x, mean, std)
+    return x.contiguous(memory_format=memory_format)
 
 
 def augment_batch(

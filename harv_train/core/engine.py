@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from harv_train.core.augment import apply_augmentation, draw_augmentation, normalize
+from harv_train.core.augment import apply_augmentation, draw_augmentation, draws_to, normalize
 from harv_train.core.data import DecodedSplit
 from harv_train.core.failpoints import failpoint
 from harv_train.core.freezing import forward_from, frozen_features, set_train_mode
@@ -73,6 +73,10 @@ class World:
 
 SINGLE = World()
 
+# Autocast dtype on CUDA. float16 needs the GradScaler that RunState keeps; bfloat16 would not
+# (benchmarks/bench_gpu.py measures both).
+CUDA_AUTOCAST_DTYPE = torch.float16
+
 
 @dataclass
 class Pipeline:
@@ -83,6 +87,7 @@ class Pipeline:
     device: torch.device
     channels_last: bool = True
     num_workers: int = 0
+    amp_dtype: torch.dtype | None = None  # None: CUDA_AUTOCAST_DTYPE on CUDA, no autocast elsewhere
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -90,10 +95,11 @@ class Pipeline:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
     def autocast(self):
-        # Mixed precision only on CUDA: bf16 on these AVX2 CPUs is 10-20x slower, never a win.
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
+        # Mixed precision by default only on CUDA: bf16 on AVX2 CPUs is 10-20x slower, never a win.
+        dtype = self.amp_dtype or (CUDA_AUTOCAST_DTYPE if self.device.type == "cuda" else None)
+        if dtype is None or dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
 
 
 def _progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
@@ -127,23 +133,28 @@ def train_one_epoch(
     start = time.perf_counter()
     criterion = nn.CrossEntropyLoss()
     set_train_mode(model, n_frozen)
-    trainable = trainable or (lambda h: forward_from(model, n_frozen, h))
+    if trainable is None:  # not `or`: a compiled module refuses to be tested for truth (it has no len)
+        trainable = lambda h: forward_from(model, n_frozen, h)  # noqa: E731
     order = torch.randperm(len(data), generator=generator)
     global_batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if world.size > 1:  # every rank needs a share of every step: a last batch smaller than the world is dropped
         global_batches = [b for b in global_batches if len(b) >= world.size]
-    draws = [draw_augmentation(len(b), generator) for b in global_batches]
     mine = [torch.arange(world.rank, len(b), world.size) for b in global_batches]
+    draws = draws_to([draw_augmentation(len(b), generator).select(rows) for b, rows in zip(global_batches, mine)],
+                     pipeline.device)
     chunks = [b[rows] for b, rows in zip(global_batches, mine)]
-    total_loss = torch.zeros((), dtype=torch.float64)
-    correct = 0
+    if data.cached and data.images.device.type != "cpu":  # the images live on the GPU: so do their indices
+        chunks = list(torch.cat(chunks).to(data.images.device).split([len(c) for c in chunks]))
+    # Totals stay on the device: reading one back each step would make the CPU wait for the GPU.
+    total_loss = torch.zeros((), dtype=torch.float64, device=pipeline.device)
+    correct = torch.zeros((), dtype=torch.int64, device=pipeline.device)
     seen = 0
 
     def inputs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for (images, labels), draw, rows in zip(data.batches_of(chunks, pipeline.num_workers), draws, mine):
+        for (images, labels), draw in zip(data.batches_of(chunks, pipeline.num_workers), draws):
             images = images.to(pipeline.device, non_blocking=True)
             labels = labels.to(pipeline.device, non_blocking=True)
-            yield apply_augmentation(images, draw.select(rows), pipeline.mean, pipeline.std, pipeline.memory_format), labels
+            yield apply_augmentation(images, draw, pipeline.mean, pipeline.std, pipeline.memory_format), labels
 
     for x, labels in _progress(inputs(), len(chunks), "train", progress):
         with pipeline.autocast():
@@ -158,11 +169,11 @@ def train_one_epoch(
             loss.backward()
             optimizer.step()
         failpoint("train_batch")
-        total_loss += loss.detach().double().cpu() * len(labels)
-        correct += int((logits.argmax(1) == labels).sum())
+        total_loss += loss.detach().double() * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
         seen += len(labels)
     world.broadcast_buffers(model)  # every rank goes on (to validation) with the model rank 0 saves
-    loss_sum, correct, seen = world.sum(float(total_loss), correct, seen)
+    loss_sum, correct, seen = world.sum(float(total_loss), int(correct), seen)
     return EpochResult(
         loss=loss_sum / seen,
         acc=correct / seen,
@@ -214,7 +225,8 @@ def evaluate(
     batches = 0
     with torch.no_grad():
         for features, labels in feature_batches:
-            logits = forward_from(model, n_frozen, features).float()
+            # Features made under autocast are float16 or bfloat16; the rest runs in float32 here.
+            logits = forward_from(model, n_frozen, features.float()).float()
             total_loss += float(criterion(logits, labels))
             correct += int((logits.argmax(1) == labels).sum())
             seen += len(labels)

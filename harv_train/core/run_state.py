@@ -22,6 +22,7 @@ from torch import nn
 from harv_train.config import TrainConfig
 from harv_train.core import checkpoints as ckpt
 from harv_train.core.early_stopping import EarlyStopping
+from harv_train.core.engine import CUDA_AUTOCAST_DTYPE
 from harv_train.core.freezing import freeze_early_blocks, frozen_block_count, trainable_parameters
 from harv_train.core.models import build_architecture, build_model, format_parameter_counts, model_spec
 from harv_train.core.runtime import seed_everything
@@ -104,7 +105,9 @@ class RunState:
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.stopper = EarlyStopping(cfg.early_stopping_patience)
         self.stopper.load_state_dict(checkpoint["early_stopping"])
-        self.scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+        # float16 autocast needs loss scaling against underflowing gradients; bfloat16 does not.
+        fp16 = device.type == "cuda" and CUDA_AUTOCAST_DTYPE == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
         if self.scaler is not None and "scaler" in checkpoint:
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.epoch: int = checkpoint["epoch"]
