@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from pathlib import Path
+from urllib.parse import unquote
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -38,6 +40,20 @@ def _store_errors() -> tuple[type[BaseException], ...]:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def artifacts_beside_store(tracking_uri: str, experiment: str) -> str | None:
+    """Where a new experiment of a SQLite store given by path keeps its files: `mlruns/<experiment>`
+    in the store's own folder. MLflow's default is `./mlruns` of whatever directory the process runs
+    in, which scatters one store's files over every directory a run was started from (and a relative
+    artifact root is wrong from anywhere else). None for other stores: a server decides for itself."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = unquote(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
+    if not db or db == ":memory:":
+        return None
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    return (Path(db).resolve().parent / "mlruns" / folder).as_uri()
 
 
 class MlflowTracker:
@@ -85,9 +101,8 @@ class MlflowTracker:
                 client.update_run(run_id, status="RUNNING")
                 return run_id
             experiment = client.get_experiment_by_name(self.experiment)
-            self.experiment_id = (
-                experiment.experiment_id if experiment else client.create_experiment(self.experiment)
-            )
+            self.experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+                self.experiment, artifact_location=artifacts_beside_store(self.tracking_uri, self.experiment))
             return client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
 
         self.run_id = self._attempt("starting the run", _start)
