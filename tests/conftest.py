@@ -63,6 +63,33 @@ def make_config(tmp_path: Path, image_folder: Path):
     return make
 
 
+REPO = Path(__file__).resolve().parent.parent
+# Where a run writes when a path or MLflow's default artifact root falls back to the working directory.
+_RUN_OUTPUTS = ("mlruns", "mlartifacts", "mlflow.db", "artifacts", "data", "mlserver")
+
+
+def _files_in_run_outputs() -> set[str]:
+    found = set()
+    for name in _RUN_OUTPUTS:
+        top = REPO / name
+        if top.is_file():
+            found.add(name)
+        for folder, _, files in os.walk(top):
+            found.update(os.path.relpath(os.path.join(folder, f), REPO) for f in files)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_stays_clean():
+    """The tests write only under their temporary directories: a test whose MLflow store, artifacts_dir
+    or working directory falls back to the checkout fails the session here (README: make test leaves the
+    checkout as it found it)."""
+    before = _files_in_run_outputs()
+    yield
+    new = sorted(_files_in_run_outputs() - before)
+    assert not new, f"the tests wrote {len(new)} file(s) into the checkout, e.g. {new[:5]}"
+
+
 def pytest_sessionfinish(session, exitstatus):
     import shutil
 

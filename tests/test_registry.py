@@ -19,7 +19,8 @@ def store(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    return client, client.create_experiment("registry-tests")
+    # Its own artifact root: without one, MLflow puts a SQLite store's files in ./mlruns of the checkout.
+    return client, client.create_experiment("registry-tests", artifact_location=(tmp_path / "mlruns").as_uri())
 
 
 def _logged_model(store, best_val_acc: float | None = None) -> tuple[str, str]:
