@@ -10,6 +10,7 @@ from flows.train_flow import train_flow
 from harv_train.core import checkpoints as ckpt
 from harv_train.core import session as session_module
 from harv_train.config import write_params_file
+from tests.trained import calibrated_weights
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -47,19 +48,42 @@ def test_flow_trains_checkpoints_and_logs_an_mlflow_run(make_config, tmp_path):
     assert [m.source_run_id for m in models] == [run.info.run_id]
 
 
-def test_logged_model_loads_and_predicts(make_config, tmp_path):
+def test_logged_model_computes_what_the_best_checkpoint_computes(make_config, tmp_path):
     import mlflow.pytorch
-    import numpy as np
 
-    cfg = make_config(epochs=1)
+    # Calibrated weights: a random-init model at 32 px gives every image the same logits.
+    cfg = make_config(epochs=1, pretrained=True, weights_path=str(calibrated_weights()))
     state = _run(cfg, tmp_path)
     client, run = _mlflow_run(cfg, state.result().mlflow_run_id)
     [logged] = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     mlflow.set_tracking_uri(cfg.mlflow_tracking_uri)
-    model = mlflow.pytorch.load_model(f"models:/{logged.model_id}", dst_path=str(tmp_path))
+    (tmp_path / "loaded").mkdir()
+    model = mlflow.pytorch.load_model(f"models:/{logged.model_id}", dst_path=str(tmp_path / "loaded"))
+    best = ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.BEST)
+    assert logged.tags["harv_train.best_epoch"] == str(best["epoch"])
+    reference = ckpt.load_model_from_checkpoint(best)
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        out = model(torch.from_numpy(np.zeros((2, 3, 32, 32), dtype=np.float32)))
-    assert out.shape == (2, 2)
+        want = reference(x)
+        got = model.eval()(x)
+    assert want.std(0).min() > 1e-3  # outputs that depend on the input, so the comparison means something
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_a_sqlite_store_keeps_its_artifacts_beside_it(make_config, tmp_path, monkeypatch):
+    """Not in ./mlruns of the directory the run started from (MLflow's default), wherever that is."""
+    elsewhere = tmp_path / "started-here"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    store = tmp_path / "store"
+    store.mkdir()
+    cfg = make_config(epochs=1, mlflow_tracking_uri=f"sqlite:///{store / 'mlflow.db'}", mlflow_experiment="beside it")
+    state = _run(cfg, tmp_path)
+    assert state.is_completed(), state.message
+    client, run = _mlflow_run(cfg, state.result().mlflow_run_id)
+    assert client.get_experiment(run.info.experiment_id).artifact_location == (store / "mlruns" / "beside_it").as_uri()
+    assert (store / "mlruns" / "beside_it" / run.info.run_id / "artifacts" / "checkpoints" / ckpt.BEST).is_file()
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_a_failing_epoch_is_retried_and_resumed_not_restarted(make_config, tmp_path, monkeypatch):
