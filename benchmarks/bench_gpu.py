@@ -46,8 +46,10 @@ os.environ.setdefault("HARV_TRAIN_OFFLINE", "1")  # random init everywhere: noth
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 from harv_train.config import load_config  # noqa: E402
+from harv_train.core.augment import normalize  # noqa: E402
 from harv_train.core import session as session_module  # noqa: E402
 from harv_train.core.data import DecodedSplit  # noqa: E402
 from harv_train.core.models import model_spec  # noqa: E402
@@ -106,6 +108,25 @@ def synthetic_split(n: int, img_size: int, classes: int, seed: int, device: torc
     names = [f"class{c}" for c in range(classes)]
     return DecodedSplit(classes=names, paths=[Path(f"synthetic/{i:05d}.png") for i in range(n)],
                         labels=labels.cpu(), images=images, img_size=img_size, interpolation="bilinear")
+
+
+def calibrate_batchnorm(model: nn.Module, split: DecodedSplit, pipeline, images: int = 256) -> None:
+    """Every BatchNorm's running statistics from `images` training images, as pretrained weights have them.
+
+    With random init they are mean 0 and variance 1, so the frozen blocks (eval mode) pass on activations
+    that shrink towards zero, in float16 to exact zeros: the network would compute on (near) zeros, which
+    runs unlike real data. Here no ImageNet weights can be had (no network on the GPU machine)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the batches
+    model.train()
+    with torch.no_grad():
+        for x, _ in split.batches(torch.arange(min(images, len(split))), 64):
+            model(normalize(x.to(pipeline.device), pipeline.mean, pipeline.std, pipeline.memory_format))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
 
 
 class InMemorySession(TrainingSession):
@@ -170,20 +191,25 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def _device_intervals_us(prof) -> list[tuple[float, float]]:
-    """(start, end) in µs of every kernel, copy and set the profiler saw on the GPU."""
+def _device_intervals_us(prof) -> tuple[list[tuple[float, float]], dict[str, int]]:
+    """(start, end) in µs of every kernel, copy and set the profiler saw on the GPU, and how many of each
+    kind. Synchronization records on the GPU's timeline are waits, not work: left out."""
     from torch.autograd import DeviceType
 
-    out = []
+    out, kinds = [], {}
     for e in prof.profiler.kineto_results.events():
         if e.device_type() != DeviceType.CUDA:
             continue
+        kind = e.activity_type() if hasattr(e, "activity_type") else "?"
+        if any(w in f"{kind} {e.name()}".lower() for w in ("sync", "wait")):
+            continue
+        kinds[kind] = kinds.get(kind, 0) + 1
         if hasattr(e, "start_ns"):
-            out.append((e.start_ns() / 1000, e.end_ns() / 1000 if hasattr(e, "end_ns") else
-                        (e.start_ns() + e.duration_ns()) / 1000))
+            end = e.end_ns() if hasattr(e, "end_ns") else e.start_ns() + e.duration_ns()
+            out.append((e.start_ns() / 1000, end / 1000))
         else:
             out.append((e.start_us(), e.start_us() + e.duration_us()))
-    return out
+    return out, kinds
 
 
 # --- one configuration ---------------------------------------------------------------------------------
@@ -237,8 +263,8 @@ class TrainPassTimer:
             result = self._real(*args, **kwargs)  # ends by reading the loss: the GPU is done
             wall_us = (time.perf_counter() - start) * 1e6
         try:
-            busy_us = _union_us(_device_intervals_us(prof))
-            self.profile = {"wall_s": wall_us / 1e6, "kernel_s": busy_us / 1e6}
+            intervals, kinds = _device_intervals_us(prof)
+            self.profile = {"wall_s": wall_us / 1e6, "kernel_s": _union_us(intervals) / 1e6, "device_events": kinds}
         except Exception as exc:
             self.profile = {"error": f"{type(exc).__name__}: {exc}"}
         return result
@@ -259,6 +285,7 @@ def run_row(row: Row, data: dict[int, dict[str, DecodedSplit]], args, work: Path
     session = InMemorySession(cfg, data[row.images], data_on_device=row.data == "gpu")
     session.pipeline.amp_dtype = DTYPES[row.dtype]
     session.start(None)
+    calibrate_batchnorm(session.state.model, data[row.images]["train"], session.pipeline)
     if row.dtype != "float16":
         session.state.scaler = None  # only float16 needs loss scaling
     session.train_split()  # the one copy to the GPU (data: gpu)
@@ -298,6 +325,7 @@ def run_row(row: Row, data: dict[int, dict[str, DecodedSplit]], args, work: Path
             out["gpu_busy_est_pct"] = round(min(100.0, 100 * p["kernel_s"] / train_s), 1)
             out["profiled_train_s"] = round(p["wall_s"], 4)
             out["kernel_s"] = round(p["kernel_s"], 4)
+            out["device_events"] = p["device_events"]
     if not all(math.isfinite(m.train_loss) for m in metrics):
         out["warning"] = "non-finite training loss"
     del session
@@ -327,7 +355,11 @@ def plan(models: list[str], sizes: list[int], dtypes: list[str], batch_sizes: li
     rows += [Row(m, large, d, b) for b in batch_sizes[1:] for m in models for d in dtypes]
     rows += [Row(m, small, d, b, profile=True) for b in batch_sizes[1:] for m in models for d in dtypes[:1]]
     rows.append(Row(models[0], small, dtypes[0], first_batch, cudnn_benchmark=True, profile=True))
-    return rows
+    unique: dict[tuple, Row] = {}  # with one size, some rows come twice: once, profiled if either was
+    for row in rows:
+        key = (row.model, row.images, row.dtype, row.batch_size, row.data, row.cudnn_benchmark)
+        unique.setdefault(key, row).profile |= row.profile
+    return list(unique.values())
 
 
 def conclusions(rows: list[dict]) -> dict[str, Any]:
