@@ -120,8 +120,9 @@ def test_batched_augmentation_equals_the_per_image_one_on_the_cpu():
 
 
 def test_an_autocast_epoch_validates_on_its_half_precision_features(make_config):
-    """Under autocast the frozen prefix hands validation float16/bfloat16 features, which the float32 rest
-    of the network must accept. bfloat16 on the CPU stands in for the GPU's float16 here."""
+    """Under autocast the frozen prefix hands validation float16/bfloat16 features; the second epoch
+    evaluates the kept ones outside autocast, where the float32 rest of the network must accept them
+    (it raised a dtype error). bfloat16 on the CPU stands in for the GPU's float16 here."""
     inputs = set()
     real = engine.forward_from
 
@@ -129,14 +130,14 @@ def test_an_autocast_epoch_validates_on_its_half_precision_features(make_config)
         inputs.add(h.dtype)
         return real(model, n_frozen, h)
 
-    session = TrainingSession(make_config(device="cpu", epochs=1))
+    session = TrainingSession(make_config(device="cpu", epochs=2))
     session.pipeline.amp_dtype = torch.bfloat16
     session.start(None)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(engine, "forward_from", recording)
-        metrics = session.train_epoch(0, progress=False)
+        history = [session.train_epoch(e, progress=False) for e in range(2)]
     assert torch.bfloat16 in inputs  # the frozen prefix ran under autocast
-    assert math.isfinite(metrics.train_loss) and math.isfinite(metrics.val_loss)
+    assert all(math.isfinite(m.train_loss) and math.isfinite(m.val_loss) for m in history)
 
 
 def test_gpu_check_skips_cleanly_without_a_gpu(tmp_path):
