@@ -25,7 +25,9 @@ from torch import nn
 from harv_train.config import TrainConfig
 from harv_train.core import checkpoints as ckpt
 from harv_train.core.checks import changed_params, check_resumable
+from harv_train.core.compiled import compile_trainable
 from harv_train.core.data import DecodedSplit, load_dataset
+from harv_train.core.decoded_cache import resolve_cache_dir
 from harv_train.core.engine import SINGLE, Pipeline, World, evaluate, frozen_feature_batches, train_one_epoch
 from harv_train.core.freezing import forward_from, fused_frozen_prefix
 from harv_train.core.models import model_spec
@@ -65,6 +67,8 @@ class TrainingSession:
         self._frozen_for: str | None = None
         self._prefix: nn.Module | None = None
         self._val_features: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._compiled_for: nn.Module | None = None  # the model whose trainable part _compiled runs
+        self._compiled: nn.Module | None = None
 
     @property
     def last_path(self) -> Path:
@@ -75,7 +79,11 @@ class TrainingSession:
         if self._splits is None:
             cfg = self.cfg
             self._splits = load_dataset(cfg.data_dir, cfg.classes, cfg.img_size, model_spec(cfg.model_name).interpolation,
-                                        cfg.cache_max_mb, cfg.skip_bad_images)
+                                        cfg.cache_max_mb, cfg.skip_bad_images, cfg.cache_dir, cfg.num_workers)
+            train, val = self._splits["train"], self._splits["val"]
+            logger.info(f"Decoded images: {len(train)} train ({train.decoded} decoded now), {len(val)} val "
+                        f"({val.decoded} decoded now), cached in {resolve_cache_dir(cfg.cache_dir)}; the train split "
+                        + ("is held in memory" if train.cached else "is read from there batch by batch (cache_max_mb)"))
         return self._splits
 
     def train_split(self) -> DecodedSplit:
@@ -171,6 +179,13 @@ class TrainingSession:
             self._prefix = fused_frozen_prefix(state.model, state.n_frozen) if state.n_frozen else None
         return self._prefix
 
+    def _compiled_trainable(self, state: RunState) -> nn.Module:
+        """The trainable part through torch.compile, compiled again only for a new model (a restore)."""
+        if self._compiled_for is not state.model:
+            self._compiled_for = state.model
+            self._compiled = compile_trainable(_TrainablePart(state.model, state.n_frozen), self.cfg.cache_dir)
+        return self._compiled
+
     def _train(self, state: RunState, epoch: int, world: World, progress: bool) -> EpochMetrics:
         cfg, model, n_frozen = self.cfg, state.model, state.n_frozen
         splits = self.splits()
@@ -185,6 +200,8 @@ class TrainingSession:
 
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             trainable = DistributedDataParallel(_TrainablePart(model, n_frozen), device_ids=device_ids)
+        elif cfg.compile:
+            trainable = self._compiled_trainable(state)
         train = train_one_epoch(model, n_frozen, state.optimizer, self.train_split(), cfg.batch_size, self.pipeline,
                                 generator, state.scaler, progress, world, trainable, prefix)
 
