@@ -118,6 +118,15 @@ def scan_dataset(data_dir: str | Path, classes: Sequence[str] | None = None) -> 
     return {split: scan_split(root / split, ordered) for split in SPLITS}
 
 
+# What PIL raises for a file that is not a readable image (DecompressionBombError: over its pixel limit).
+_UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _cannot_read(path: Path, exc: BaseException) -> DataError:
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return DataError(f"cannot read image {path} ({reason})")
+
+
 def decode_image(path: Path, size: int, interpolation: str) -> torch.Tensor:
     """An image file -> uint8 tensor [3, size, size]. Grayscale, palette, RGBA and CMYK become RGB."""
     try:
@@ -128,9 +137,8 @@ def decode_image(path: Path, size: int, interpolation: str) -> torch.Tensor:
             with Image.open(path) as img:
                 img.draft("RGB", (size, size))
                 img = img.convert("RGB").resize((size, size), _FILTERS[interpolation])
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"cannot read image {path} ({reason})") from None
+    except _UNREADABLE as exc:
+        raise _cannot_read(path, exc) from None
     array = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
@@ -223,9 +231,8 @@ def check_images_open(index: SplitIndex, fix: str = "remove or replace the file,
         try:
             with Image.open(path):
                 pass
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            unreadable.append(DataError(f"cannot read image {path} ({reason})"))
+        except _UNREADABLE as exc:
+            unreadable.append(_cannot_read(path, exc))
     if unreadable:
         raise _unreadable_error(unreadable, index.root, fix)
 
