@@ -229,8 +229,10 @@ def check_images_open(index: SplitIndex, fix: str = "remove or replace the file,
     unreadable: list[DataError] = []
     for path, _ in index.samples:
         try:
-            with Image.open(path):
-                pass
+            with warnings.catch_warnings():  # as in decode_image: a large image is fine up to PIL's hard limit
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path):
+                    pass
         except _UNREADABLE as exc:
             unreadable.append(_cannot_read(path, exc))
     if unreadable:
