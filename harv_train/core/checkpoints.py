@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from harv_train.errors import CheckpointError
-from harv_train.core.failpoints import failpoint
+from harv_train.core.failpoints import armed, failpoint
 
 LAST = "last.pth"
 BEST = "best_model.pth"
@@ -46,7 +46,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(fd, _FILE_MODE)  # mkstemp's 0600 would make checkpoints unreadable to the team
-            torch.save({"format": FORMAT, **state}, f)
+            torch.save({"format": FORMAT, **state}, _PartialWriteFailpoint(f) if armed("checkpoint_partial") else f)
             f.flush()
             os.fsync(f.fileno())
         failpoint("checkpoint_write")
@@ -55,6 +55,25 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+class _PartialWriteFailpoint:
+    """The file torch.save writes to, with the failure point `checkpoint_partial` once its first chunk
+    is on disk: a kill there leaves a temporary file holding part of a checkpoint."""
+
+    def __init__(self, f):
+        self._f, self._writes = f, 0
+
+    def write(self, data) -> int:
+        written = self._f.write(data)
+        self._writes += 1
+        if self._writes == 2:
+            self._f.flush()
+            failpoint("checkpoint_partial")
+        return written
+
+    def flush(self) -> None:
+        self._f.flush()
 
 
 def _fsync_dir(directory: Path) -> None:

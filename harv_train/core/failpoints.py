@@ -6,7 +6,10 @@ same as `kill -9` from outside; `raise` raises an OSError, like a failing disk r
 N-th and every later pass (an outage rather than a blip). Several failpoints may be given,
 separated by commas. Under torchrun, `HARV_TRAIN_FAILPOINT_RANK=R` limits them to rank R, and they never fire
 after the elastic agent restarted the workers. Points: `train_batch` (after each training step),
-`checkpoint_write` (temporary file written, not yet renamed), `mlflow_log` (before each MLflow call).
+`checkpoint_partial` (inside a checkpoint write: part of the temporary file is on disk),
+`checkpoint_write` (temporary file written, not yet renamed), `mlflow_log` (before each MLflow call),
+`mlflow_request` (inside each HTTP request to an MLflow server: the server has answered, the client
+has not read the answer).
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ def _armed() -> dict[str, tuple[int, bool, str]]:
         count, _, action = rest.partition(":")
         armed[name] = (int(count.rstrip("+") or 1), count.endswith("+"), action or "kill")
     return armed
+
+
+def armed(name: str) -> bool:
+    """Whether HARV_TRAIN_FAILPOINT names this point (for points that need setting up first)."""
+    return "HARV_TRAIN_FAILPOINT" in os.environ and name in _armed()
 
 
 def failpoint(name: str) -> None:
