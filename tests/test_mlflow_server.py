@@ -4,6 +4,12 @@ a server that dies mid-run."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +20,9 @@ from harv_train.core import checkpoints as ckpt
 from harv_train.core.session import TrainingSession
 from harv_train.config import write_params_file
 from tests.images import write_image_folder
-from tests.servers import mlflow_server, stop
+from tests.servers import free_port, mlflow_server, stop
+
+REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -99,25 +107,69 @@ def test_champion_alias_moves_only_when_val_accuracy_improves(make_config, serve
     assert run.data.metrics["registry_champion_val_acc"] == accs[1]
 
 
-def test_server_dying_mid_run_keeps_checkpoints_and_fails_visibly(make_config, tmp_path, monkeypatch):
-    # Connection refused should fail at once, not after MLflow's retries with backoff.
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    with mlflow_server(tmp_path / "dying-server") as server:
+def test_a_server_stopped_mid_run_and_restarted_gets_the_whole_run_with_the_default_retries(
+        make_config, tmp_path, monkeypatch):
+    """Killed after epoch 1 (as by a crash or an OOM), back on the same port and store after epoch 2:
+    training goes on meanwhile, and at the end everything is logged once and the model registered."""
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)  # the tracker's defaults, not a value an earlier test left
+    root, port = tmp_path / "restarted-server", free_port()
+    with contextlib.ExitStack() as servers:
+        server = servers.enter_context(mlflow_server(root, port))
         real_train_epoch = TrainingSession.train_epoch
 
-        def train_epoch_then_stop_the_server_after_the_first(session, epoch, *args, **kwargs):
+        def train_epoch_then_stop_or_restart_the_server(session, epoch, *args, **kwargs):
             result = real_train_epoch(session, epoch, *args, **kwargs)
             if epoch == 0:
-                stop(server.proc, grace=0)  # killed, as by a crash or OOM
+                stop(server.proc, grace=0)
+            elif epoch == 1:
+                servers.enter_context(mlflow_server(root, port))
             return result
 
-        monkeypatch.setattr(TrainingSession, "train_epoch", train_epoch_then_stop_the_server_after_the_first)
-        cfg = make_config(epochs=2, mlflow_tracking_uri=server.url, registered_model_name="dying-model",
-                          export=False)
+        monkeypatch.setattr(TrainingSession, "train_epoch", train_epoch_then_stop_or_restart_the_server)
+        cfg = make_config(epochs=3, mlflow_tracking_uri=server.url, registered_model_name="restarted-model",
+                          mlflow_experiment="restarted")
         state = _run(cfg, tmp_path)
+        assert state.is_completed(), state.message
+        summary = state.result()
+        client = MlflowClient(server.url)
+        run = client.get_run(summary.mlflow_run_id)
+        assert run.info.status == "FINISHED"
+        for key in ("train_loss", "val_loss", "val_acc", "lr"):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3], key
+        assert {"train_images", "best_val_acc", "eval_accuracy"} <= set(run.data.metrics)
+        assert run.data.tags["registry.version"] == "1"
+        [experiment] = [e for e in client.search_experiments() if e.name == "restarted"]
+        assert len(client.search_runs([experiment.experiment_id])) == 1
 
-    assert state.is_failed()
-    assert str(cfg.checkpoints_dir) in state.message and server.url in state.message
-    for name in (ckpt.BEST, ckpt.FINAL, ckpt.LAST):
-        assert (cfg.checkpoints_dir / name).is_file()
-    assert len(ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.FINAL)["history"]) == 2  # both epochs trained
+
+def _cli(params: Path, *args: str, failpoint: str) -> subprocess.CompletedProcess:
+    """The real command in its own process, against the tests' Prefect server."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "HARV_TRAIN_FAILPOINT": failpoint,
+           "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}  # no requests but the run's own in the count
+    return subprocess.run([sys.executable, "flows/train_flow.py", "--params", str(params), *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_kill_9_inside_an_mlflow_request_then_resume_logs_every_epoch_once(make_config, server_url, tmp_path):
+    """Killed after the server stored epoch 1's metrics, before the client read its answer: the
+    resumed run must not log epoch 1 again, and must log the rest."""
+    cfg = make_config(epochs=3, mlflow_tracking_uri=server_url, mlflow_experiment="killed-inside-a-request")
+    params = tmp_path / "params.yaml"
+    write_params_file(cfg, params)
+    # Requests: experiment by name, create it, create the run, params (get, log), dataset size (get,
+    # log), then epoch 1: its metric history, and 9, its metrics.
+    killed = _cli(params, failpoint="mlflow_request:9")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    last = ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.LAST)
+    client = MlflowClient(server_url)
+    assert last["epoch"] == 1
+    assert [m.step for m in client.get_metric_history(last["mlflow_run_id"], "val_acc")] == [1]  # stored
+
+    resumed = _cli(params, "--resume", failpoint="")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+        assert [m.step for m in client.get_metric_history(last["mlflow_run_id"], key)] == [1, 2, 3], key
+    assert client.get_run(last["mlflow_run_id"]).info.status == "FINISHED"

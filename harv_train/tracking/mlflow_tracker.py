@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from harv_train.core.failpoints import failpoint
+from harv_train.core.failpoints import armed, failpoint
 from harv_train.core.run_state import LOGGED_EPOCH_METRICS, EpochMetrics
 from harv_train.tracking import registry
 from harv_train.tracking.registry import Registration, log_summary
@@ -56,6 +56,24 @@ def artifacts_beside_store(tracking_uri: str, experiment: str) -> str | None:
     return (Path(db).resolve().parent / "mlruns" / folder).as_uri()
 
 
+def _arm_request_failpoint() -> None:
+    """The failure point `mlflow_request` inside every HTTP request MLflow's REST client makes (tracking
+    and artifact calls): after the server has answered, before the client reads the answer."""
+    from mlflow.utils import rest_utils
+
+    send = rest_utils._get_http_response_with_retries
+    if getattr(send, "harv_train_failpoint", False):
+        return
+
+    def send_then_failpoint(*args, **kwargs):
+        response = send(*args, **kwargs)
+        failpoint("mlflow_request")
+        return response
+
+    send_then_failpoint.harv_train_failpoint = True
+    rest_utils._get_http_response_with_retries = send_then_failpoint
+
+
 class MlflowTracker:
     def __init__(self, tracking_uri: str, experiment: str):
         # An unreachable server should fail fast, not after MLflow's default minutes of retries.
@@ -84,6 +102,8 @@ class MlflowTracker:
             return None
 
     def client(self):
+        if armed("mlflow_request"):
+            _arm_request_failpoint()
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
