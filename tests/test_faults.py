@@ -130,6 +130,20 @@ def test_a_tracking_blip_mid_run_is_caught_up_at_the_end(make_config, tmp_path):
     assert [m.step for m in client.get_metric_history(run_id, "val_acc")] == [1, 2, 3]
 
 
+def test_a_tracking_blip_on_the_dataset_size_is_logged_at_the_end(make_config, tmp_path):
+    cfg = make_config(epochs=1)
+    params = tmp_path / "params.yaml"
+    write_params_file(cfg, params)
+    result = _cli(params, failpoint="mlflow_log:3:raise")  # 1 opens the run, 2 logs params, 3 the dataset size
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "failed while logging dataset size" in result.stdout + result.stderr
+    run_id = ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.FINAL)["mlflow_run_id"]
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    metrics = client.get_run(run_id).data.metrics
+    assert (metrics.get("train_images"), metrics.get("val_images"), metrics.get("skipped_images")) == (16, 8, 0)
+    assert [m.step for m in client.get_metric_history(run_id, "val_acc")] == [1]
+
+
 def test_tracking_down_until_the_end_fails_the_run_and_resume_catches_up(make_config, tmp_path):
     cfg = make_config(epochs=3)
     params = tmp_path / "params.yaml"

@@ -85,6 +85,7 @@ class MlflowTracker:
         self.experiment_id: str | None = None
         self.failures: list[str] = []  # what could not be logged, in order
         self.down = False  # after a failure, skip calls until reconnect()
+        self._unlogged: dict[str, float] = {}  # summary metrics a failure kept from the run: reconnect() logs them
         self._client = None
 
     def _attempt(self, what: str, fn: Callable[[], Any]) -> Any:
@@ -166,6 +167,8 @@ class MlflowTracker:
     def log_metrics(self, metrics: dict[str, float], what: str = "logging summary metrics") -> None:
         if self.run_id:
             self._attempt(what, lambda: log_summary(self.client(), self.run_id, metrics))
+            if self.down:  # failed, or skipped during the outage: nothing else would log them again
+                self._unlogged.update(metrics)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -248,6 +251,9 @@ class MlflowTracker:
             self._attempt("reconnecting", lambda: self.client().search_experiments(max_results=1))
         if not self.down:
             logger.info(f"MLflow at {self.tracking_uri} is reachable again: logging what was missed")
+            missed, self._unlogged = self._unlogged, {}
+            if missed:
+                self.log_metrics(missed, "logging the summary metrics missed during the outage")
         return not self.down
 
     def log_evaluation(self, report) -> None:
