@@ -176,7 +176,8 @@ def _log_run(cfg: TrainConfig, tracker: MlflowTracker, summary: RunSummary, para
     if tracker.down:
         tracker.reconnect()
     if tracker.run_id is None and not tracker.down:
-        tracker.start(None, runtime.flow_run.name, _tags())
+        if tracker.start(None, runtime.flow_run.name, _tags()):
+            ckpt.record_mlflow_run_id(cfg.checkpoints_dir, tracker.run_id)  # what --resume continues
     tracker.log_params(cfg.flat_dict())
     tracker.log_epochs(summary.history)
     tracker.log_metrics({"best_val_acc": summary.best_val_acc, "best_epoch": summary.best_epoch,

@@ -108,6 +108,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def record_mlflow_run_id(directory: str | Path, run_id: str) -> None:
+    """Write `run_id` into the run's checkpoints that have none: an MLflow run opened only at the end
+    (the store was down when the run started) is the one `--resume` must continue, not open another."""
+    for name in (LAST, FINAL, BEST):
+        path = Path(directory) / name
+        if path.is_file():
+            state = load_checkpoint(path)
+            if not state.get("mlflow_run_id"):
+                save_checkpoint({**state, "mlflow_run_id": run_id}, path)
+
+
 def remove_stale_temporaries(directory: str | Path) -> None:
     """Temporary files a killed run left behind: never a complete checkpoint, safe to delete."""
     for tmp in Path(directory).glob(".*.pth.*.tmp"):
