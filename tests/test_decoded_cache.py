@@ -300,3 +300,15 @@ def test_the_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("HARV_TRAIN_CACHE_DIR", str(tmp_path / "mine"))
     assert decoded_cache.resolve_cache_dir(None) == tmp_path / "mine"
     assert decoded_cache.resolve_cache_dir("~/x") == Path.home() / "x"
+
+
+def test_a_truncated_pixel_file_is_noticed_and_rebuilt(image_folder, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    _load(image_folder, cache)
+    [store] = [s for s in _stores(cache) if "train" in s.name]
+    pixels = store / "pixels-0.u8"
+    os.truncate(pixels, pixels.stat().st_size // 2)
+    with caplog.at_level(logging.WARNING, logger="harv_train"):
+        train = _load(image_folder, cache)["train"]
+    assert train.decoded == 16 and any("lost pixels its index names" in m for m in caplog.messages)
+    assert torch.equal(_pixels(train), _expected(train))

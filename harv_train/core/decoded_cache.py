@@ -233,7 +233,13 @@ class CacheStore:
 
     def _update(self, paths, keys, signatures, num_workers: int, progress: bool) -> Lookup:
         index = self._read_index()
-        if index is None or not (self.dir / index["pixels"]).is_file():
+        if index is not None and index["entries"]:
+            pixels = self.dir / index["pixels"]
+            if not pixels.is_file() or pixels.stat().st_size < index["slots"] * self.slot_bytes:
+                logger.warning(f"the decoded-image cache {self.dir} lost pixels its index names (file missing or "
+                               "truncated): decoding its images again")
+                index = None
+        if index is None:
             index = {**self._meta, "pixels": "pixels-0.u8", "slots": 0, "entries": {}}
         self._remove_strays(index)
         slots, todo, changed, gone = self._plan(index, keys, signatures)
