@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -43,13 +45,25 @@ def _assert_one_line_error(code, err, expected):
         (lambda d: [f.unlink() for f in (d / "val" / "dog").iterdir()], "val/dog has no images"),
         (lambda d: (d / "train" / "cat" / "cat_0.png").write_bytes(b"\x89PNG garbage"), "cannot read image"),
         (lambda d: shutil.copytree(d / "val" / "cat", d / "val" / "cow"), "only in val: cow"),
+        (lambda d: _png_header_only(d / "train" / "dog" / "huge.png", 15000, 12000),
+         "huge.png (Image size (180000000 pixels) exceeds limit of 178956970 pixels"),
     ],
-    ids=["no-data-dir", "no-train", "no-val", "empty-class", "corrupt-image", "val-class-not-in-train"],
+    ids=["no-data-dir", "no-train", "no-val", "empty-class", "corrupt-image", "val-class-not-in-train",
+         "over-the-pixel-limit"],
 )
 def test_bad_data_is_one_line_error(make_config, image_folder, tmp_path, capsys, breakage, expected):
     breakage(image_folder)
     code, err = _cli(make_config(), tmp_path, capsys)
     _assert_one_line_error(code, err, expected)
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG that declares width x height and holds no pixels: PIL refuses it on opening, past its limit."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
 
 
 def test_classes_not_matching_folders(make_config, tmp_path, capsys):
@@ -79,11 +93,61 @@ def test_pretrained_weights_unavailable_offline(make_config, tmp_path, capsys, m
     _assert_one_line_error(code, err, "pretrained weights for mobilenet_v3_small are not available offline")
 
 
-def test_resume_with_another_model_is_refused(make_config, tmp_path, capsys):
+@pytest.mark.parametrize(("change", "trained", "now"), [
+    ({"model_name": "efficientnet_lite0"}, "was trained as mobilenet_v3_small", "this run is efficientnet_lite0"),
+    ({"img_size": 64}, "at 32px, freeze_ratio 0.7;", "at 64px, freeze_ratio 0.7:"),
+    ({"freeze_ratio": 0.5}, "at 32px, freeze_ratio 0.7;", "at 32px, freeze_ratio 0.5:"),
+], ids=["model", "image-size", "freeze-ratio"])
+def test_resume_with_another_model_image_size_or_freeze_ratio_is_refused(make_config, tmp_path, capsys, change,
+                                                                        trained, now):
     cfg = make_config(epochs=1)
     start_run(cfg)
-    code, err = _cli(make_config(model_name="efficientnet_lite0"), tmp_path, capsys, "--resume")
-    _assert_one_line_error(code, err, "was trained as mobilenet_v3_small")
+    before = (cfg.checkpoints_dir / ckpt.LAST).read_bytes()
+    code, err = _cli(make_config(**change), tmp_path, capsys, "--resume")
+    _assert_one_line_error(code, err, trained)
+    assert now in err
+    assert (cfg.checkpoints_dir / ckpt.LAST).read_bytes() == before
+
+
+def _nothing_written(cfg, tmp_path, *kept: Path) -> None:
+    """No checkpoint, no MLflow store: no file but the artifacts_dir lock and what the test put there
+    (the checks may leave empty folders)."""
+    assert not (tmp_path / "mlflow.db").exists()
+    artifacts = Path(cfg.artifacts_dir)
+    written = sorted(p for p in artifacts.rglob("*")
+                     if p.is_file() and p.name != ".lock" and p not in kept) if artifacts.is_dir() else []
+    assert written == []
+
+
+def test_an_artifacts_dir_that_cannot_be_created_is_one_line_and_writes_nothing(make_config, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a folder")
+    cfg = make_config(artifacts_dir=str(tmp_path / "a-file" / "artifacts"))
+    code, err = _cli(cfg, tmp_path, capsys)
+    _assert_one_line_error(code, err, "cannot create artifacts_dir")
+    _nothing_written(cfg, tmp_path)
+
+
+def test_a_checkpoints_folder_that_cannot_be_written_is_one_line_and_writes_nothing(make_config, tmp_path, capsys):
+    cfg = make_config()
+    cfg.checkpoints_dir.parent.mkdir(parents=True)
+    cfg.checkpoints_dir.write_text("a file where the checkpoints go")
+    code, err = _cli(cfg, tmp_path, capsys)
+    _assert_one_line_error(code, err, f"cannot write to {cfg.checkpoints_dir}")
+    _nothing_written(cfg, tmp_path, cfg.checkpoints_dir)
+    assert cfg.checkpoints_dir.read_text() == "a file where the checkpoints go"
+
+
+def test_no_space_for_the_checkpoints_is_one_line_and_writes_nothing(make_config, tmp_path, capsys, monkeypatch):
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))  # 1 MiB free
+    cfg = make_config()
+    code, err = _cli(cfg, tmp_path, capsys)
+    _assert_one_line_error(code, err, "not enough free disk space in")
+    assert "1 MiB free, checkpoints need about" in err
+    _nothing_written(cfg, tmp_path)
 
 
 def test_resume_without_a_checkpoint(make_config, tmp_path, capsys):
