@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -161,6 +163,41 @@ def test_bad_input_fails_the_flow_with_a_one_line_message(make_config, tmp_path)
     state = _run(cfg, tmp_path)
     assert state.is_failed()
     assert "does not exist: put images in" in state.message and "\n" not in state.message
+
+
+def _no_room(monkeypatch, cfg, tmp_path):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))  # 1 MiB free
+
+
+def _blocked_artifacts_dir(monkeypatch, cfg, tmp_path):
+    Path(cfg.artifacts_dir).parent.mkdir(parents=True, exist_ok=True)
+    Path(cfg.artifacts_dir).write_text("a file where artifacts_dir goes")
+
+
+def _checkpoints_is_a_file(monkeypatch, cfg, tmp_path):
+    cfg.checkpoints_dir.parent.mkdir(parents=True)
+    cfg.checkpoints_dir.write_text("a file where the checkpoints go")
+
+
+@pytest.mark.parametrize(("breakage", "expected"), [
+    (_blocked_artifacts_dir, "cannot create artifacts_dir"),
+    (_checkpoints_is_a_file, "cannot write to"),
+    (_no_room, "not enough free disk space"),  # for the decoded-image cache: the flow decodes first
+], ids=["artifacts-dir-cannot-be-created", "checkpoints-not-writable", "no-space"])
+def test_an_unusable_artifacts_dir_fails_the_flow_in_one_line_and_writes_nothing(
+        make_config, tmp_path, monkeypatch, breakage, expected):
+    """What a deployment gets (no command line before the flow)."""
+    cfg = make_config(epochs=1)
+    breakage(monkeypatch, cfg, tmp_path)
+    state = _run(cfg, tmp_path)
+    assert state.is_failed() and expected in state.message and "\n" not in state.message, state.message
+    assert not (tmp_path / "mlflow.db").exists()  # no MLflow run opened
+    if Path(cfg.artifacts_dir).is_dir():
+        assert [p.name for p in Path(cfg.artifacts_dir).rglob("*") if p.is_file()] in ([".lock"], [".lock", "checkpoints"])
 
 
 def test_bad_input_found_by_the_flow_itself_changes_nothing(make_config, tmp_path, monkeypatch):
