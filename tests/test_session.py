@@ -16,6 +16,7 @@ from harv_train.core.early_stopping import EarlyStopping
 from harv_train.core.run_state import build_optimizer
 from harv_train.core.session import TrainingSession
 from harv_train.errors import CheckpointError
+from tests.trained import calibrated_weights
 
 
 def _train(cfg, epochs=None):
@@ -53,13 +54,33 @@ def test_same_seed_gives_identical_metrics(make_config, tmp_path):
 
 
 def test_resume_in_a_fresh_process_state_equals_an_uninterrupted_run(make_config, tmp_path):
-    straight = _train(make_config(artifacts_dir=str(tmp_path / "straight"), epochs=3))
-    cfg = make_config(artifacts_dir=str(tmp_path / "resumed"), epochs=3)
-    _train(cfg, epochs=1)
+    """Including the learning-rate schedule: with lr_patience 1 the val loss of this tiny run stops
+    improving, so the rate halves after epoch 3, which a resume after epoch 2 only reproduces when the
+    scheduler's count of epochs without improvement comes back from last.pth."""
+    schedule = dict(epochs=4, lr_patience=1, lr_factor=0.5)
+    straight = _train(make_config(artifacts_dir=str(tmp_path / "straight"), **schedule))
+    assert [m.lr for m in straight] == [0.001, 0.001, 0.001, 0.0005]
+    cfg = make_config(artifacts_dir=str(tmp_path / "resumed"), **schedule)
+    _train(cfg, epochs=2)
     fresh = TrainingSession(cfg)  # what a new process has: nothing but the files
     fresh.resume()
-    rest = [fresh.train_epoch(e, progress=False) for e in (1, 2)]
-    assert _comparable(rest) == _comparable(straight[1:])
+    rest = [fresh.train_epoch(e, progress=False) for e in (2, 3)]
+    assert _comparable(rest) == _comparable(straight[2:])
+
+
+def test_channels_last_false_trains_the_same_model(make_config, tmp_path):
+    """The default memory format is channels_last; the plain one must compute the same run (to float
+    rounding: the kernels differ)."""
+    weights = dict(pretrained=True, weights_path=str(calibrated_weights()))  # outputs that depend on the input
+    default = _train(make_config(artifacts_dir=str(tmp_path / "default"), **weights))
+    cfg = make_config(artifacts_dir=str(tmp_path / "plain"), channels_last=False, **weights)
+    session = TrainingSession(cfg)
+    session.start(None)
+    plain = [session.train_epoch(e, progress=False) for e in range(cfg.epochs)]
+    first_conv = session.state.model.features[0][0].weight  # 3x3: the two layouts differ
+    assert first_conv.is_contiguous() and not first_conv.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(_comparable(plain), _comparable(default), strict=True):
+        assert a == pytest.approx(b, rel=1e-3, abs=1e-5)
 
 
 def test_a_failed_epoch_drops_the_live_state_and_the_retry_trains_from_last_pth(make_config, tmp_path, monkeypatch):
@@ -137,6 +158,19 @@ def test_kept_checkpoints_are_named_by_their_last_write_and_take_their_report_al
     kept = _archive(cfg)
     assert kept.name == "checkpoints-" + time.strftime("%Y%m%d-%H%M%S", time.localtime(1_700_000_000))
     assert (kept / "eval" / "report.json").is_file() and not (cfg.checkpoints_dir.parent / "eval").exists()
+
+
+def test_checkpoints_moved_aside_in_the_same_second_get_a_suffix_and_overwrite_nothing(tmp_path):
+    directory = tmp_path / "checkpoints"
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(1_700_000_000))
+    kept = []
+    for run in range(3):
+        ckpt.save_checkpoint({"epoch": run}, directory / ckpt.LAST)
+        os.utime(directory / ckpt.LAST, (1_700_000_000, 1_700_000_000))  # all three last wrote in one second
+        kept.append(ckpt.archive_previous_checkpoints(directory))
+    assert [k.name for k in kept] == [f"checkpoints-{stamp}", f"checkpoints-{stamp}-2", f"checkpoints-{stamp}-3"]
+    assert [torch.load(k / ckpt.LAST, weights_only=True)["epoch"] for k in kept] == [0, 1, 2]
+    assert ckpt.archive_previous_checkpoints(directory) is None  # nothing left to move
 
 
 def test_an_equal_accuracy_with_a_lower_loss_is_a_better_model():
