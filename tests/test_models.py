@@ -133,6 +133,40 @@ def test_missing_torchvision_weights_are_downloaded_into_torch_home(tmp_path, mo
     assert spec.weights_file().is_file()  # cached where torchvision looks: no second download
 
 
+def test_the_default_model_downloads_its_weights_and_trains_at_224_px(make_config, tmp_path, monkeypatch):
+    """params.yaml's model as a user first runs it: mobilenet_v3_small, pretrained, 224 px, freeze_ratio
+    0.7, channels_last, its weights fetched into TORCH_HOME (from a loopback server here, in the
+    real state dict's shape and with torchvision's file naming), then one epoch of training."""
+    from harv_train.config import TrainConfig
+    from harv_train.core.session import TrainingSession
+    from tests.trained import calibrated_weights
+
+    defaults = TrainConfig()
+    assert (defaults.model_name, defaults.pretrained, defaults.img_size) == ("mobilenet_v3_small", True, 224)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.delenv("HARV_TRAIN_OFFLINE")
+    served = tmp_path / "served"
+    served.mkdir()
+    blob = calibrated_weights().read_bytes()
+    name = f"mobilenet_v3_small-{hashlib.sha256(blob).hexdigest()[:8]}.pth"
+    (served / name).write_bytes(blob)
+    spec = MODEL_SPECS["mobilenet_v3_small"]
+    cfg = make_config(pretrained=True, img_size=224, batch_size=16, epochs=1, freeze_ratio=defaults.freeze_ratio,
+                      channels_last=defaults.channels_last)
+    with _serving(served) as base:
+        monkeypatch.setitem(MODEL_SPECS, "mobilenet_v3_small", dataclasses.replace(spec, weights_url=f"{base}/{name}"))
+        session = TrainingSession(cfg)
+        session.start(None)
+    assert spec.weights_file().read_bytes() == blob  # cached where torchvision looks
+    [metrics] = [session.train_epoch(0, progress=False)]
+    assert metrics.train_batches == 1 and np.isfinite(metrics.val_loss)
+    trained = ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.LAST)
+    reference = torch.load(calibrated_weights(), weights_only=True)
+    assert (trained["img_size"], trained["n_frozen"]) == (224, 9)
+    assert torch.equal(trained["model"]["features.0.0.weight"], reference["features.0.0.weight"])  # frozen: as served
+    assert not torch.equal(trained["model"]["features.12.0.weight"], reference["features.12.0.weight"])  # trained
+
+
 def test_a_download_that_fails_its_hash_check_is_refused_and_not_kept(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     monkeypatch.delenv("HARV_TRAIN_OFFLINE")
