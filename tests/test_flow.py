@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from mlflow.tracking import MlflowClient
 
 from flows.train_flow import train_flow
@@ -86,6 +88,50 @@ def test_a_sqlite_store_keeps_its_artifacts_beside_it(make_config, tmp_path, mon
     assert client.get_experiment(run.info.experiment_id).artifact_location == (store / "mlruns" / "beside_it").as_uri()
     assert (store / "mlruns" / "beside_it" / run.info.run_id / "artifacts" / "checkpoints" / ckpt.BEST).is_file()
     assert list(elsewhere.iterdir()) == []
+
+
+def test_the_demo_model_exports_and_prefect_shows_one_task_per_epoch_and_the_run_artifacts(make_config, tmp_path):
+    """efficientnet_lite0 (the demo's model, pretrained) with export on, as make demo runs it; then what
+    the Prefect API holds for the flow run: one train-epoch task run per epoch, the per-epoch table
+    and the link to the MLflow run."""
+    import onnxruntime
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+
+    cfg = make_config(model_name="efficientnet_lite0", pretrained=True, img_size=64, epochs=2, export=True)
+    state = _run(cfg, tmp_path)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    client, run = _mlflow_run(cfg, summary.mlflow_run_id)
+
+    # The export: ONNX computes what best_model.pth computes on the val images, and MLflow has it.
+    best = ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.BEST)
+    images = sorted(Path(cfg.data_dir, "val").rglob("*.png"))
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((64, 64), Image.Resampling.BILINEAR),
+                                                 dtype=np.float32).copy()).permute(2, 0, 1) for p in images]) / 255
+    x = (x - 0.5) / 0.5
+    with torch.no_grad():
+        want = ckpt.load_model_from_checkpoint(best)(x).numpy()
+    session = onnxruntime.InferenceSession(str(cfg.export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], want, atol=1e-4, rtol=0)
+    assert want.std(0).min() > 1e-3  # outputs that depend on the image
+    assert {"export/model.onnx", "export/model.ts"} <= {a.path for a in client.list_artifacts(run.info.run_id, "export")}
+    assert run.data.metrics["export_onnxruntime_max_abs_diff"] <= 1e-4
+
+    # Prefect: what the API holds for this flow run.
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as prefect:
+        task_runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        artifacts = {a.key: a for a in prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))}
+    epochs = sorted((t.name, t.state.type.value) for t in task_runs if t.task_key.startswith("train_epoch_task"))
+    assert epochs == [("epoch-0", "COMPLETED"), ("epoch-1", "COMPLETED")]
+    table = artifacts["training-summary"].data
+    for m in summary.history:
+        assert f"| {m.val_loss:.4f} | {m.val_acc:.4f} |" in table
+    url = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    assert f"[MLflow run]({url})" in artifacts["mlflow-run"].data
+    assert summary.mlflow_run_id in table
 
 
 def test_a_failing_epoch_is_retried_and_resumed_not_restarted(make_config, tmp_path, monkeypatch):
