@@ -18,8 +18,6 @@ from pathlib import Path
 from urllib.parse import unquote
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
 from harv_train.core.failpoints import armed, failpoint
 from harv_train.core.run_state import LOGGED_EPOCH_METRICS, EpochMetrics
 from harv_train.tracking import registry
@@ -40,6 +38,29 @@ def _store_errors() -> tuple[type[BaseException], ...]:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _auth_status(exc: BaseException) -> int | None:
+    """401 or 403 when the tracking server refused the credentials (an MlflowException from its REST
+    API, or an HTTPError from its artifact proxy); None for any other failure."""
+    code = getattr(exc, "error_code", None)
+    if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        return 401 if code == "UNAUTHENTICATED" else 403
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return status if status in (401, 403) else None
+
+
+def _describe(exc: BaseException, tracking_uri: str) -> str:
+    """One line: what failed, and for refused credentials, which variables to set."""
+    status = _auth_status(exc)
+    if status == 401:
+        return (f"MLflow at {tracking_uri} refused the credentials (HTTP 401): set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD to a user of that server")
+    if status == 403:
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME", "")
+        return (f"MLflow at {tracking_uri} denied user {user!r} (HTTP 403): set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD to a user with EDIT permission on the experiment")
+    return _one_line(exc)
 
 
 def artifacts_beside_store(tracking_uri: str, experiment: str) -> str | None:
@@ -86,7 +107,9 @@ class MlflowTracker:
         self.failures: list[str] = []  # what could not be logged, in order
         self.down = False  # after a failure, skip calls until reconnect()
         self._unlogged: dict[str, float] = {}  # summary metrics a failure kept from the run: reconnect() logs them
+        self.auth_refused = False  # a failure was the server refusing the credentials (401/403)
         self._client = None
+        self._system_metrics = None  # mlflow's SystemMetricsMonitor of the open run
 
     def _attempt(self, what: str, fn: Callable[[], Any]) -> Any:
         if self.down:
@@ -97,9 +120,11 @@ class MlflowTracker:
             return fn()
         except _store_errors() as exc:  # the store failed: record it, keep training
             self.down = True
-            self.failures.append(f"{what}: {_one_line(exc)}")
-            logger.warning(f"WARNING: MLflow at {self.tracking_uri} failed while {what} ({_one_line(exc)}); "
-                     "training goes on, checkpoints are written, logging is retried at the end of the run")
+            self.auth_refused = self.auth_refused or _auth_status(exc) is not None
+            self.failures.append(f"{what}: {_describe(exc, self.tracking_uri)}")
+            logger.warning(f"WARNING: MLflow at {self.tracking_uri} failed while {what} "
+                           f"({_describe(exc, self.tracking_uri)}); "
+                           "training goes on, checkpoints are written, logging is retried at the end of the run")
             return None
 
     def client(self):
@@ -127,7 +152,33 @@ class MlflowTracker:
             return client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
 
         self.run_id = self._attempt("starting the run", _start)
+        self._start_system_metrics(resumed=bool(run_id))
         return self.run_id
+
+    def _start_system_metrics(self, resumed: bool) -> None:
+        """CPU, memory, disk, network (and GPU with nvidia-ml-py) as `system/*` metrics of the run,
+        sampled every 10 s (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL) by MLflow's monitor thread, until
+        end(); a resumed run continues their steps. MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false turns
+        them off. The thread stops by itself at its first failed call: it never slows training."""
+        if not self.run_id or self.down or self._system_metrics is not None:
+            return
+        if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").strip().lower() in ("false", "0"):
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            # Its start-up lines ("Started monitoring...", "Skip logging GPU metrics...") are noise here.
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+            monitor = SystemMetricsMonitor(self.run_id, resume_logging=resumed, tracking_uri=self.tracking_uri)
+            monitor.start()
+            self._system_metrics = monitor
+        except Exception as exc:  # psutil missing, or the store failed: the run goes on without them
+            logger.warning(f"WARNING: no system metrics for this run ({_one_line(exc)})")
+
+    def _stop_system_metrics(self) -> None:
+        monitor, self._system_metrics = self._system_metrics, None
+        if monitor is not None:
+            monitor.finish()
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -194,36 +245,24 @@ class MlflowTracker:
                 return model.model_uri
         return None
 
-    def log_model(self, model, input_example: np.ndarray, tags: dict[str, str], name: str = "model") -> str | None:
-        """Log the model in MLflow's pytorch flavor; returns its models:/ URI. A model this run
-        already holds with the same `tags` (a resumed run, the same best checkpoint) is not logged again."""
+    def log_model(self, state: dict[str, Any], tags: dict[str, str], onnx: Path | None | bool = True,
+                  name: str = "model") -> str | None:
+        """Log checkpoint `state` as the image-in, probabilities-out pyfunc model of
+        harv_train/tracking/pyfunc_model.py (safetensors weights, model.json, model.onnx, this package's
+        code; no pickle); returns its models:/ URI. A model this run already holds with the same `tags`
+        (a resumed run, the same best checkpoint) is not logged again."""
 
         def _log() -> str:
             import mlflow
-            import mlflow.pytorch
-            import torch
-            import torchvision
+
+            from harv_train.tracking.pyfunc_model import log_image_classifier
 
             logged = self.logged_model(tags)
             if logged:
                 return logged
             mlflow.set_tracking_uri(self.tracking_uri)
             with mlflow.start_run(run_id=self.run_id):
-                info = mlflow.pytorch.log_model(
-                    model,
-                    name=name,
-                    input_example=input_example,
-                    # Explicit requirements skip MLflow's slow (~10 s) dependency inference.
-                    pip_requirements=[
-                        f"torch=={torch.__version__.split('+')[0]}",
-                        f"torchvision=={torchvision.__version__.split('+')[0]}",
-                        f"mlflow=={mlflow.__version__}",
-                    ],
-                    # Loads back as the same nn.Module; pt2 would give a torch.export GraphModule.
-                    serialization_format="pickle",
-                    tags=tags,
-                )
-            return info.model_uri
+                return log_image_classifier(state, name=name, tags=tags, onnx=onnx).model_uri
 
         return self._attempt("logging the model", _log) if self.run_id else None
 
@@ -236,6 +275,7 @@ class MlflowTracker:
             self.client(), name, model_uri, self.run_id, val_acc))
 
     def end(self, status: str) -> None:
+        self._stop_system_metrics()
         if self.run_id:
             self._attempt("closing the run", lambda: self.client().set_terminated(self.run_id, status=status))
 
