@@ -4,12 +4,14 @@
 # the CUDA ones PyPI serves.
 FROM python:3.11-slim AS base
 
+# MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false: the registered model holds no pickle (docs/serving.md), so
+# nothing here needs to unpickle one.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PREFECT_SERVER_ANALYTICS_ENABLED=false \
-    MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true
+    MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false
 WORKDIR /app
 
 # torch/torchvision first, from the PyTorch CPU index (`2.14.1+cpu` satisfies `==2.14.1`); then the
@@ -27,6 +29,8 @@ COPY params.yaml prefect.yaml pyproject.toml ./
 COPY flows/ flows/
 COPY tasks/ tasks/
 COPY harv_train/ harv_train/
+# The servers' launchers (docker-compose.yml, docs/security.md): secrets from files, MLflow with auth.
+COPY docker/*.sh docker/*.py docker/
 
 # For docker-compose.yml: the Prefect server, worker and MLflow server images, plus the PostgreSQL
 # driver MLflow's database backend needs (Prefect's, asyncpg, is in the lock).

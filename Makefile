@@ -10,7 +10,7 @@ DEMO_DATA ?= data/demo
 DEMO_SET := --set model_name=efficientnet_lite0 --set data_dir=$(DEMO_DATA) --set classes=null \
             --set artifacts_dir=artifacts/demo --set registered_model_name=harv-train-demo
 
-.PHONY: install demo demo-data train test clean clean-cache mlflow-ui server worker deploy mlflow-server
+.PHONY: install demo demo-data train test clean clean-cache mlflow-ui server worker deploy mlflow-server serve-model secrets
 
 install: $(STAMP)
 
@@ -37,19 +37,44 @@ test: install
 mlflow-ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
+# Secrets of the shared servers, generated once per clone into $(SECRETS)/ (git-ignored, mode 600,
+# never overwritten; delete a file to make a new one): the MLflow admin password and the key that
+# signs its forms, Prefect's API auth string (user:password), PostgreSQL's password (docker-compose).
+# docker/secrets-env.sh hands them to the servers as NAME_FILE; a variable set in the environment wins.
+SECRETS ?= secrets
+SECRET_FILES := $(SECRETS)/mlflow_admin_password $(SECRETS)/mlflow_flask_secret_key \
+                $(SECRETS)/prefect_auth_string $(SECRETS)/postgres_password
+WITH_SECRETS := docker/secrets-env.sh
+NEW_SECRET = @mkdir -p $(SECRETS) && chmod 700 $(SECRETS) && umask 077 \
+	&& $(PYTHON) -c 'import secrets, sys; print(sys.argv[1] + secrets.token_urlsafe(24))' "$(1)" > $@.tmp \
+	&& mv $@.tmp $@ && echo "wrote $@"
+
+secrets: $(SECRET_FILES)
+
+$(SECRETS)/prefect_auth_string:
+	$(call NEW_SECRET,admin:)
+
+$(SECRETS)/%:
+	$(call NEW_SECRET,)
+
 # The scheduled path (README "Scheduled deployments"): a local Prefect server (SQLite in
 # $PREFECT_HOME, default ~/.prefect), a process worker, and the deployments in prefect.yaml.
 # worker and deploy talk to the server in PREFECT_API_URL: this one unless the environment says another.
+# The server asks every client for its API auth string (PREFECT_SERVER_API_AUTH_STRING, from
+# $(SECRETS)/prefect_auth_string); worker, deploy and the flow runs send it as PREFECT_API_AUTH_STRING
+# (from the environment, else the same file). Its UI asks for it too. /api/health needs none.
 PREFECT_HOST ?= 127.0.0.1
 PREFECT_PORT ?= 4200
 PREFECT_API_URL ?= http://$(PREFECT_HOST):$(PREFECT_PORT)/api
 WORK_POOL ?= harv-train-pool
-PREFECT := PREFECT_API_URL=$(PREFECT_API_URL) $(VENV)/bin/prefect
-CHECK_SERVER = @$(PY) -c "import urllib.request as u; u.urlopen('$(PREFECT_API_URL)/health', timeout=10)" 2>/dev/null \
-	|| { echo "error: no Prefect server answers at $(PREFECT_API_URL): start one with 'make server' in another terminal, or set PREFECT_API_URL" >&2; exit 1; }
+PREFECT_CLIENT := PREFECT_API_URL=$(PREFECT_API_URL) PREFECT_API_AUTH_STRING_FILE=$(SECRETS)/prefect_auth_string \
+	$(WITH_SECRETS)
+PREFECT := $(PREFECT_CLIENT) $(VENV)/bin/prefect
+CHECK_SERVER = @$(PREFECT_CLIENT) $(PY) docker/check-prefect-server.py $(PREFECT_API_URL)
 
-server: install
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/prefect server start --host $(PREFECT_HOST) --port $(PREFECT_PORT)
+server: install $(SECRETS)/prefect_auth_string
+	PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_SERVER_API_AUTH_STRING_FILE=$(SECRETS)/prefect_auth_string \
+	  $(WITH_SECRETS) $(VENV)/bin/prefect server start --host $(PREFECT_HOST) --port $(PREFECT_PORT)
 
 worker: install
 	$(CHECK_SERVER)
@@ -62,13 +87,31 @@ deploy: install
 	  || $(PREFECT) work-pool inspect $(WORK_POOL) >/dev/null
 	$(PREFECT) deploy --all
 
-# An MLflow tracking server (SQLite backend, artifacts served from mlserver/artifacts): what a team
-# runs on a shared host with a database and an object store; use with mlflow_tracking_uri=http://127.0.0.1:5001
+# An MLflow tracking server that asks for credentials (docker/mlflow-server.sh: MLflow's basic-auth
+# app; SQLite backend, users in mlserver/basic_auth.db, artifacts served from mlserver/artifacts):
+# what a team runs on a shared host with a database and an object store. The admin is `admin` with
+# the password in $(SECRETS)/mlflow_admin_password (or MLFLOW_AUTH_ADMIN_PASSWORD), set when the user
+# database is created. Train against it with mlflow_tracking_uri=http://127.0.0.1:5001 and
+# MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD set (docs/security.md).
+MLFLOW_SERVER_HOST ?= 127.0.0.1
 MLFLOW_SERVER_PORT ?= 5001
-mlflow-server: install
+mlflow-server: install $(SECRETS)/mlflow_admin_password $(SECRETS)/mlflow_flask_secret_key
 	@mkdir -p mlserver
-	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlserver/mlflow.db \
-	  --artifacts-destination $(CURDIR)/mlserver/artifacts --host 127.0.0.1 --port $(MLFLOW_SERVER_PORT)
+	MLFLOW_AUTH_ADMIN_PASSWORD_FILE=$(SECRETS)/mlflow_admin_password \
+	MLFLOW_FLASK_SERVER_SECRET_KEY_FILE=$(SECRETS)/mlflow_flask_secret_key \
+	MLFLOW_AUTH_DATABASE_URI=sqlite:///$(CURDIR)/mlserver/basic_auth.db PATH="$(CURDIR)/$(VENV)/bin:$$PATH" \
+	  $(WITH_SECRETS) docker/mlflow-server.sh --backend-store-uri sqlite:///$(CURDIR)/mlserver/mlflow.db \
+	  --artifacts-destination $(CURDIR)/mlserver/artifacts --host $(MLFLOW_SERVER_HOST) --port $(MLFLOW_SERVER_PORT)
+
+# Serve a registered model's champion over HTTP (docs/serving.md): POST base64 image files to
+# http://127.0.0.1:$(SERVE_PORT)/invocations. The model comes from MLFLOW_TRACKING_URI (default: the
+# demo's sqlite:///mlflow.db); uvicorn, which MLflow starts by name, is in $(VENV)/bin.
+MODEL ?= harv-train-demo
+SERVE_PORT ?= 5002
+serve-model: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
+	  $(VENV)/bin/mlflow models serve -m models:/$(MODEL)@champion --env-manager local \
+	  --host 127.0.0.1 --port $(SERVE_PORT)
 
 # The decoded-image cache and torch.compile's kernels (docs/data-at-scale.md): in cache_dir of
 # params.yaml, by default ~/.cache/harv-train; 150 KB an image at 224 px. The next run decodes again.
