@@ -67,7 +67,7 @@ def test_the_logged_val_metrics_are_those_of_the_saved_model(make_config, tmp_pa
 def test_two_processes_match_one_with_the_same_global_batch_and_seed(make_config, tmp_path):
     """Only the head trains here (freeze_ratio 1), so no BatchNorm statistics differ between ranks;
     what still differs is the dropout mask each process draws for its samples. Measured: val loss
-    within 0.005 and val accuracy within one image of eight."""
+    0.0048 and 0.0039 apart, val accuracy within one image of eight; docs/distributed.md says 0.005."""
     data = write_image_folder(tmp_path / "data", n_train=8, n_val=4)
     common = dict(data_dir=str(data), model_name="efficientnet_lite0", pretrained=True, img_size=64,
                   freeze_ratio=1.0, epochs=2, batch_size=4)
@@ -79,7 +79,7 @@ def test_two_processes_match_one_with_the_same_global_batch_and_seed(make_config
         run = launch_epoch if cfg.distributed.world_size > 1 else lambda c, e: TrainingSession(c).train_epoch(e)
         histories.append([run(cfg, e) for e in range(cfg.epochs)])
     for single, parallel in zip(*histories, strict=True):
-        assert parallel.val_loss == pytest.approx(single.val_loss, abs=0.02)
+        assert parallel.val_loss == pytest.approx(single.val_loss, abs=0.005)
         assert abs(parallel.val_acc - single.val_acc) <= 1 / 8 + 1e-9
         assert parallel.train_batches == single.train_batches  # the same global batches
 
