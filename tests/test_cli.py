@@ -259,3 +259,29 @@ def test_command_line_trains_on_images_that_do_not_fit_the_cache(image_folder, t
     assert "exited unexpectedly" not in result.stdout + result.stderr
     assert (tmp_path / "artifacts" / "checkpoints" / ckpt.BEST).is_file()
 
+
+
+def test_the_command_line_trains_from_unicode_paths_with_spaces_and_symlinked_class_folders(tmp_path):
+    from tests.images import write_image_folder
+
+    real = write_image_folder(tmp_path / "real dätä", classes=("Prof Ä", "Room 1"))
+    data = tmp_path / "linked data ü"
+    for split in ("train", "val"):
+        (data / split).mkdir(parents=True)
+        for name in ("Prof Ä", "Room 1"):
+            (data / split / name).symlink_to(real / split / name, target_is_directory=True)
+    artifacts = tmp_path / "ärtifacts and spaces"
+    settings = {
+        "pretrained": "false", "epochs": "1", "batch_size": "4", "img_size": "32", "classes": "[Prof Ä, Room 1]",
+        "data_dir": str(data), "artifacts_dir": str(artifacts), "num_workers": "0", "export": "false",
+        "mlflow_tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "registered_model_name": "null",
+    }
+    result = subprocess.run(
+        [sys.executable, str(REPO / "flows" / "train_flow.py"), "--params", str(REPO / "params.yaml"),
+         *(a for k, v in settings.items() for a in ("--set", f"{k}={v}"))],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = ckpt.load_checkpoint(artifacts / "checkpoints" / ckpt.BEST)
+    assert best["classes"] == ["Prof Ä", "Room 1"] and best["history"][0]["train_batches"] == 4
+    assert (artifacts / "eval" / "report.json").is_file()
