@@ -188,6 +188,32 @@ def test_tracking_down_until_the_end_fails_the_run_and_resume_catches_up(make_co
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
+def test_resume_after_a_kill_between_logging_the_model_and_registering_it_logs_and_registers_once(
+        make_config, tmp_path):
+    cfg = make_config(epochs=1, registered_model_name="killed-before-registering")
+    params = tmp_path / "params.yaml"
+    write_params_file(cfg, params)
+    # MLflow calls: open the run, params, dataset size, epoch 1; at the end params, epochs, summary,
+    # three files, the model, then 12: registering it.
+    killed = _cli(params, failpoint="mlflow_log:12")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert "Logged the best model to MLflow" in killed.stdout + killed.stderr
+    assert "Registered" not in killed.stdout + killed.stderr
+
+    resumed = _cli(params, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    run_id = ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.FINAL)["mlflow_run_id"]
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    run = client.get_run(run_id)
+    assert len(client.search_logged_models(experiment_ids=[run.info.experiment_id])) == 1
+    [version] = client.search_model_versions("name = 'killed-before-registering'")
+    assert (str(version.version), version.run_id) == ("1", run_id)
+    assert str(client.get_model_version_by_alias("killed-before-registering", "champion").version) == "1"
+    for key in run.data.metrics:
+        assert len(client.get_metric_history(run_id, key)) == 1, key
+    assert run.info.status == "FINISHED"
+
+
 def test_a_second_flow_run_on_the_same_artifacts_dir_refuses(make_config, tmp_path):
     cfg = make_config()
     params = tmp_path / "params.yaml"

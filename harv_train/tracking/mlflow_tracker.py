@@ -271,8 +271,17 @@ class MlflowTracker:
         (harv_train.tracking.registry); returns the Registration, or None when it failed (recorded as a failure)."""
         if not self.run_id:
             return None
-        return self._attempt(f"registering the model as {name}", lambda: registry.register_and_promote(
-            self.client(), name, model_uri, self.run_id, val_acc))
+
+        def _register() -> Registration:
+            import mlflow
+
+            # MLflow resolves the models:/ source through the process's tracking URI: without this, a
+            # resumed run whose model was logged before (log_model() returns early) registered into
+            # ./mlflow.db of the working directory, and failed there.
+            mlflow.set_tracking_uri(self.tracking_uri)
+            return registry.register_and_promote(self.client(), name, model_uri, self.run_id, val_acc)
+
+        return self._attempt(f"registering the model as {name}", _register)
 
     def end(self, status: str) -> None:
         self._stop_system_metrics()
