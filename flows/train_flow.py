@@ -50,7 +50,12 @@ if __name__ == "__main__":  # first: bad arguments answer in 0.1 s; the server b
 import logging
 
 from prefect import flow, get_run_logger, runtime
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
 from prefect.exceptions import ExternalSignal
 from prefect.states import Completed, Failed
 
@@ -119,10 +124,11 @@ def _train(cfg: TrainConfig, session: TrainingSession, data: DataSummary, resume
     _publish_summary(cfg, tracker, summary)
     if tracker.down:
         # Visible, not silent: the run fails, and --resume logs what is missing once MLflow is back.
+        retry = "the credentials are set" if tracker.auth_refused else f"{cfg.mlflow_tracking_uri} is reachable"
         return Failed(message=(
             f"training finished and checkpoints are in {cfg.checkpoints_dir}, but MLflow logging failed "
             f"({len(tracker.failures)} call(s); first: {tracker.failures[0]}): rerun with --resume once "
-            f"{cfg.mlflow_tracking_uri} is reachable to log the run"
+            f"{retry} to log the run"
         ))
     if tracker.failures:
         logger.warning(f"WARNING: MLflow failed {len(tracker.failures)} time(s) during the run; "
@@ -147,6 +153,8 @@ def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary
         tracker.log_epochs(history)  # epochs a killed run finished but never logged
     epoch_task = train_epoch_task.with_options(retries=cfg.epoch_retries, retry_delay_seconds=1)
     stopped = summary.stopped_early
+    progress = _progress(None, 100.0 if stopped else 100 * summary.epoch / cfg.epochs,
+                         f"{summary.epoch} of {cfg.epochs} epochs done")
     for epoch in range(summary.epoch, cfg.epochs):
         if stopped:
             break
@@ -154,6 +162,9 @@ def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary
         history.append(metrics)
         tracker.log_epochs(history)
         stopped = metrics.stop
+        _progress(progress, 100.0 if stopped else 100 * metrics.epoch / cfg.epochs,
+                  f"Epoch {metrics.epoch} of {cfg.epochs}: val accuracy {metrics.val_acc:.4f}"
+                  + (", stopped early" if stopped else ""))
 
     summary = final_checkpoint_task(session)
     params_copy = cfg.checkpoints_dir / "params.yaml"
@@ -189,14 +200,26 @@ def _log_run(cfg: TrainConfig, tracker: MlflowTracker, summary: RunSummary, para
         return
     state = ckpt.load_checkpoint(best)
     # The checkpoint's epoch names it within the run: a resume that found no better model logs none.
-    model_uri = tracker.log_model(ckpt.load_model_from_checkpoint(state), ckpt.input_example(state),
-                                  {"harv_train.best_epoch": str(state["epoch"])})
+    # Logged as a pickle-free pyfunc that takes image files (harv_train/tracking/pyfunc_model.py).
+    model_uri = tracker.log_model(state, {"harv_train.best_epoch": str(state["epoch"])})
     if model_uri:
         logger.info(f"Logged the best model to MLflow: {model_uri}")
     if model_uri and cfg.registered_model_name:
         registration = tracker.register_model(cfg.registered_model_name, model_uri, summary.best_val_acc)
         if registration:
             logger.info(registration.summary())
+
+
+def _progress(artifact_id, percent: float, description: str):
+    """Create (artifact_id None) or update the run's `training-progress` artifact, which the Prefect UI
+    shows while the run trains; returns its id. Only a view: a Prefect API failure here is logged."""
+    try:
+        if artifact_id is None:
+            return create_progress_artifact(percent, key="training-progress", description=description)
+        update_progress_artifact(artifact_id, percent, description=description)
+    except Exception as exc:
+        logger.warning(f"WARNING: the Prefect progress artifact was not updated ({type(exc).__name__}: {exc})")
+    return artifact_id
 
 
 def _publish_summary(cfg: TrainConfig, tracker: MlflowTracker, summary: RunSummary) -> None:

@@ -134,13 +134,6 @@ def load_model_from_checkpoint(state: dict[str, Any]) -> "torch.nn.Module":
     return model.eval()
 
 
-def input_example(state: dict[str, Any]) -> "np.ndarray":
-    """One normalized all-grey image at the checkpoint's size: MLflow's signature and example."""
-    import numpy as np
-
-    return np.zeros((1, 3, state["img_size"], state["img_size"]), dtype=np.float32)
-
-
 def archive_previous_checkpoints(directory: Path, companions: tuple[Path, ...] = ()) -> Path | None:
     """A fresh run never overwrites an earlier run's checkpoints: they move aside, whole, named by
     when that run last wrote one (not the folder's time: write checks touch it), with the folders
