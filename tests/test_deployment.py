@@ -26,7 +26,7 @@ from prefect.server.schemas.schedules import CronSchedule
 
 from harv_train.core import checkpoints as ckpt
 from tests.images import write_image_folder
-from tests.servers import BIN, log_tail, free_port, prefect_env, prefect_server, running_server
+from tests.servers import BIN, log_tail, free_port, prefect_env, prefect_server, running_server, stop
 
 REPO = Path(__file__).resolve().parent.parent
 POOL = "harv-train-pool"
@@ -104,12 +104,61 @@ def test_triggered_run_completes_on_a_process_worker_with_checkpoints_and_mlflow
     for name in (ckpt.BEST, ckpt.FINAL, ckpt.LAST):
         assert (tmp_path / "artifacts" / "checkpoints" / name).is_file(), log
 
+    with SyncPrefectClient(api_url) as client:
+        assert {"harv-train", "nightly"} <= set(client.read_flow_run(run.id).tags)  # prefect.yaml's tags
     [mlflow_run] = mlflow.search_runs([mlflow.get_experiment_by_name("deployment-test").experiment_id])
     assert mlflow_run.info.status == "FINISHED"
     assert mlflow_run.data.tags["prefect.flow_run_id"] == str(run.id)
     assert mlflow_run.data.tags["prefect.deployment"] == "nightly-train"
     assert mlflow_run.data.params["epochs"] == "1"
     assert (tmp_path / "mlartifacts").is_dir()
+
+
+def test_under_concurrency_limit_1_a_second_run_waits_for_the_first(deployed, tmp_path):
+    """Two runs of nightly-train on one artifacts_dir, a worker free to start both: the second waits
+    (AwaitingConcurrencySlot) until the first has finished, and then trains; neither is refused the
+    artifacts_dir lock."""
+    api_url, env = deployed
+    data = write_image_folder(tmp_path / "data", n_train=4, n_val=2)
+    overrides = {
+        "data_dir": str(data), "classes": None, "artifacts_dir": str(tmp_path / "artifacts"),
+        "model_name": "mobilenet_v3_small", "pretrained": False, "img_size": 32, "epochs": 1, "batch_size": 4,
+        "num_workers": 0, "export": False, "mlflow_tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "mlflow_experiment": "concurrency-test", "registered_model_name": None,
+    }
+    with SyncPrefectClient(api_url) as client:
+        deployment = client.read_deployment_by_name("train/nightly-train")
+        runs = [client.create_flow_run_from_deployment(
+            deployment.id, parameters={"params_file": None, "overrides": overrides}) for _ in range(2)]
+    worker_log = tmp_path / "worker.log"
+    with open(worker_log, "wb") as log:
+        worker = subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--limit", "2"], cwd=tmp_path,
+            env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        try:
+            deadline = time.monotonic() + 420
+            with SyncPrefectClient(api_url) as client:
+                while not all(client.read_flow_run(r.id).state.is_final() for r in runs):
+                    assert time.monotonic() < deadline, "runs not finished in 420 s:\n" + log_tail(worker_log, 40)
+                    time.sleep(2)
+                histories = {r.id: client.read_flow_run_states(r.id) for r in runs}
+                finals = [client.read_flow_run(r.id).state for r in runs]
+        finally:
+            stop(worker)
+    assert all(state.is_completed() for state in finals), [(s.type, s.message) for s in finals]
+
+    def running_interval(states):
+        running = [s.timestamp for s in states if s.type == StateType.RUNNING]
+        done = [s.timestamp for s in states if s.type == StateType.COMPLETED]
+        return min(running), max(done)
+
+    (first_start, first_end), (second_start, second_end) = sorted(running_interval(h) for h in histories.values())
+    assert first_end <= second_start  # one at a time
+    names = [[s.name for s in histories[r.id]] for r in runs]
+    assert sum("AwaitingConcurrencySlot" in n for n in names) >= 1, names  # the second one waited
+    kept = list((tmp_path / "artifacts").glob("checkpoints-*"))
+    assert len(kept) == 1  # the second run moved the first one's checkpoints aside
 
 
 def test_scheduler_creates_the_nightly_runs_from_its_cron(tmp_path):
