@@ -20,6 +20,9 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
 os.environ.setdefault("HARV_TRAIN_DIST_TIMEOUT_S", "60")  # a stuck collective fails a test, not CI
 os.environ["HARV_TRAIN_OFFLINE"] = "1"  # no test downloads weights, network or not (one serves them itself)
+# The decoded-image cache of every run the tests start (and their subprocesses): not the user's ~/.cache.
+_CACHE_DIR = tempfile.mkdtemp(prefix="harv-train-cache-")
+os.environ["HARV_TRAIN_CACHE_DIR"] = _CACHE_DIR
 
 import contextlib
 import subprocess
@@ -94,6 +97,7 @@ def pytest_sessionfinish(session, exitstatus):
     import shutil
 
     shutil.rmtree(_PREFECT_HOME, ignore_errors=True)  # the tests' Prefect databases and logs
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
