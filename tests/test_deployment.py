@@ -74,62 +74,25 @@ def test_deploy_registers_nightly_schedule_parameters_and_pool(deployed):
     assert [s.active for s in smoke.schedules] == [False]  # the smoke run only runs when asked
 
 
-def test_triggered_run_completes_on_a_process_worker_with_checkpoints_and_mlflow_run(deployed, tmp_path):
-    api_url, env = deployed
-    data = write_image_folder(tmp_path / "data")
-    overrides = {
-        "data_dir": str(data), "classes": None, "artifacts_dir": str(tmp_path / "artifacts"),
-        "model_name": "mobilenet_v3_small", "pretrained": False, "img_size": 32, "epochs": 1,
-        "batch_size": 4, "num_workers": 0,
-        "mlflow_tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "mlflow_experiment": "deployment-test",
-        "registered_model_name": None,
-    }
-    # The run's working directory is the repository: keep the MLflow artifacts of this store in tmp.
-    mlflow = MlflowClient(overrides["mlflow_tracking_uri"])
-    mlflow.create_experiment("deployment-test", artifact_location=(tmp_path / "mlartifacts").as_uri())
-    with SyncPrefectClient(api_url) as client:
-        deployment = client.read_deployment_by_name("train/nightly-train")
-        run = client.create_flow_run_from_deployment(
-            deployment.id, parameters={"params_file": None, "overrides": overrides})  # no base file: classes null stays
-
-    # One poll of the pool: the worker submits the run, waits for it to finish, then exits.
-    worker = subprocess.run(
-        [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--run-once", "--limit", "1"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    log = f"worker exited {worker.returncode}:\n{worker.stdout[-4000:]}\n{worker.stderr[-4000:]}"
-
-    with SyncPrefectClient(api_url) as client:
-        state = client.read_flow_run(run.id).state
-    assert state.is_completed(), f"{state.type}: {state.message}\n{log}"
-    for name in (ckpt.BEST, ckpt.FINAL, ckpt.LAST):
-        assert (tmp_path / "artifacts" / "checkpoints" / name).is_file(), log
-
-    with SyncPrefectClient(api_url) as client:
-        assert {"harv-train", "nightly"} <= set(client.read_flow_run(run.id).tags)  # prefect.yaml's tags
-    [mlflow_run] = mlflow.search_runs([mlflow.get_experiment_by_name("deployment-test").experiment_id])
-    assert mlflow_run.info.status == "FINISHED"
-    assert mlflow_run.data.tags["prefect.flow_run_id"] == str(run.id)
-    assert mlflow_run.data.tags["prefect.deployment"] == "nightly-train"
-    assert mlflow_run.data.params["epochs"] == "1"
-    assert (tmp_path / "mlartifacts").is_dir()
-
-
-def test_under_concurrency_limit_1_a_second_run_waits_for_the_first(deployed, tmp_path):
-    """Two runs of nightly-train on one artifacts_dir, a worker free to start both: the second waits
-    (AwaitingConcurrencySlot) until the first has finished, and then trains; neither is refused the
-    artifacts_dir lock."""
+def test_triggered_runs_complete_on_a_process_worker_one_at_a_time_with_checkpoints_and_mlflow_runs(deployed, tmp_path):
+    """Two runs of nightly-train on one artifacts_dir, a process worker free to start both: under
+    prefect.yaml's concurrency_limit 1 the second waits (AwaitingConcurrencySlot) until the first has
+    finished, then trains (without the limit it is refused the artifacts_dir lock and fails)."""
     api_url, env = deployed
     data = write_image_folder(tmp_path / "data", n_train=4, n_val=2)
     overrides = {
         "data_dir": str(data), "classes": None, "artifacts_dir": str(tmp_path / "artifacts"),
-        "model_name": "mobilenet_v3_small", "pretrained": False, "img_size": 32, "epochs": 1, "batch_size": 4,
-        "num_workers": 0, "export": False, "mlflow_tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "mlflow_experiment": "concurrency-test", "registered_model_name": None,
+        "model_name": "mobilenet_v3_small", "pretrained": False, "img_size": 32, "epochs": 1,
+        "batch_size": 4, "num_workers": 0, "export": False,
+        "mlflow_tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "mlflow_experiment": "deployment-test",
+        "registered_model_name": None,
     }
+    mlflow = MlflowClient(overrides["mlflow_tracking_uri"])
     with SyncPrefectClient(api_url) as client:
         deployment = client.read_deployment_by_name("train/nightly-train")
-        runs = [client.create_flow_run_from_deployment(
+        runs = [client.create_flow_run_from_deployment(  # no base file: classes null stays
             deployment.id, parameters={"params_file": None, "overrides": overrides}) for _ in range(2)]
+
     worker_log = tmp_path / "worker.log"
     with open(worker_log, "wb") as log:
         worker = subprocess.Popen(
@@ -143,22 +106,31 @@ def test_under_concurrency_limit_1_a_second_run_waits_for_the_first(deployed, tm
                     assert time.monotonic() < deadline, "runs not finished in 420 s:\n" + log_tail(worker_log, 40)
                     time.sleep(2)
                 histories = {r.id: client.read_flow_run_states(r.id) for r in runs}
-                finals = [client.read_flow_run(r.id).state for r in runs]
+                finished = [client.read_flow_run(r.id) for r in runs]
         finally:
             stop(worker)
-    assert all(state.is_completed() for state in finals), [(s.type, s.message) for s in finals]
+    assert all(r.state.is_completed() for r in finished), [(r.state.type, r.state.message) for r in finished]
+    assert all({"harv-train", "nightly"} <= set(r.tags) for r in finished)  # prefect.yaml's tags
 
     def running_interval(states):
-        running = [s.timestamp for s in states if s.type == StateType.RUNNING]
-        done = [s.timestamp for s in states if s.type == StateType.COMPLETED]
-        return min(running), max(done)
+        return (min(s.timestamp for s in states if s.type == StateType.RUNNING),
+                max(s.timestamp for s in states if s.type == StateType.COMPLETED))
 
-    (first_start, first_end), (second_start, second_end) = sorted(running_interval(h) for h in histories.values())
+    (_, first_end), (second_start, _) = sorted(running_interval(h) for h in histories.values())
     assert first_end <= second_start  # one at a time
     names = [[s.name for s in histories[r.id]] for r in runs]
     assert sum("AwaitingConcurrencySlot" in n for n in names) >= 1, names  # the second one waited
-    kept = list((tmp_path / "artifacts").glob("checkpoints-*"))
-    assert len(kept) == 1  # the second run moved the first one's checkpoints aside
+    for name in (ckpt.BEST, ckpt.FINAL, ckpt.LAST):
+        assert (tmp_path / "artifacts" / "checkpoints" / name).is_file()
+    assert len(list((tmp_path / "artifacts").glob("checkpoints-*"))) == 1  # the first run's, moved aside
+
+    mlflow_runs = mlflow.search_runs([mlflow.get_experiment_by_name("deployment-test").experiment_id])
+    assert sorted(r.data.tags["prefect.flow_run_id"] for r in mlflow_runs) == sorted(str(r.id) for r in runs)
+    for mlflow_run in mlflow_runs:
+        assert mlflow_run.info.status == "FINISHED"
+        assert mlflow_run.data.tags["prefect.deployment"] == "nightly-train"
+        assert mlflow_run.data.params["epochs"] == "1"
+    assert (tmp_path / "mlruns" / "deployment-test").is_dir()  # beside the store, not in the repository
 
 
 def test_scheduler_creates_the_nightly_runs_from_its_cron(tmp_path):
