@@ -116,9 +116,6 @@ def test_any_image_mode_becomes_its_rgb_colour(tmp_path, make, suffix, rgb):
 
 
 @pytest.mark.parametrize("suffix", ["png", "tiff"])
-@pytest.mark.xfail(strict=True, reason=(
-    "bug, reported in issue 19: harv_train/core/data.py converts with PIL's convert('RGB'), which clips a "
-    "16-bit image at 255 instead of scaling it: every value of 255/65535 and up becomes white"))
 def test_a_16_bit_image_is_scaled_to_8_bits(tmp_path, suffix):
     """0..65535 maps onto 0..255 (value / 257), as 8-bit tools show a 16-bit image."""
     levels = np.array([0, 257, 128 * 257, 65535], dtype=np.uint16)

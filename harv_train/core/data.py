@@ -136,6 +136,8 @@ def decode_image(path: Path, size: int, interpolation: str) -> torch.Tensor:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.draft("RGB", (size, size))
+                if img.mode.startswith("I;16"):  # convert() would clip 0..65535 at 255, not scale it
+                    img = Image.fromarray((np.asarray(img, np.float32) / 257).round().astype(np.uint8))
                 img = img.convert("RGB").resize((size, size), _FILTERS[interpolation])
     except _UNREADABLE as exc:
         raise _cannot_read(path, exc) from None
