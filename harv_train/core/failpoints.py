@@ -9,7 +9,8 @@ after the elastic agent restarted the workers. Points: `train_batch` (after each
 `checkpoint_partial` (inside a checkpoint write: part of the temporary file is on disk),
 `checkpoint_write` (temporary file written, not yet renamed), `mlflow_log` (before each MLflow call),
 `mlflow_request` (inside each HTTP request to an MLflow server: the server has answered, the client
-has not read the answer).
+has not read the answer), `cache_write` (a chunk of the decoded-image cache is written, its index does
+not name it yet).
 """
 
 from __future__ import annotations
