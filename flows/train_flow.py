@@ -143,8 +143,7 @@ def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary
         if previous_run:
             tracker.set_tags(_tags())  # the run now continues under this flow run
         tracker.log_params(cfg.flat_dict())
-        tracker.log_metrics({"train_images": data.train_images, "val_images": data.val_images,
-                             "skipped_images": len(data.skipped_images)}, "logging dataset size")
+        tracker.log_metrics(_dataset_size(data), "logging dataset size")
         logger.info(f"MLflow run {tracker.run_id} in {cfg.mlflow_tracking_uri} (experiment {cfg.mlflow_experiment})")
 
     summary = resume_run_task(session) if resume else start_run_task(session, tracker.run_id)
@@ -169,7 +168,7 @@ def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary
     summary = final_checkpoint_task(session)
     params_copy = cfg.checkpoints_dir / "params.yaml"
     write_params_file(cfg, params_copy)
-    _log_run(cfg, tracker, summary, params_copy)
+    _log_run(cfg, tracker, summary, params_copy, data)
     # Report, plots and export of best_model.pth, logged to the same MLflow run when it is reachable.
     post = evaluate_and_export_task(session)
     if not tracker.down:
@@ -182,7 +181,13 @@ def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary
     return summary
 
 
-def _log_run(cfg: TrainConfig, tracker: MlflowTracker, summary: RunSummary, params_copy: Path) -> None:
+def _dataset_size(data: DataSummary) -> dict[str, float]:
+    return {"train_images": data.train_images, "val_images": data.val_images,
+            "skipped_images": len(data.skipped_images)}
+
+
+def _log_run(cfg: TrainConfig, tracker: MlflowTracker, summary: RunSummary, params_copy: Path,
+             data: DataSummary) -> None:
     """Everything the MLflow run holds beyond per-epoch metrics; catches up after an outage."""
     if tracker.down:
         tracker.reconnect()
@@ -190,6 +195,7 @@ def _log_run(cfg: TrainConfig, tracker: MlflowTracker, summary: RunSummary, para
         if tracker.start(None, runtime.flow_run.name, _tags()):
             ckpt.record_mlflow_run_id(cfg.checkpoints_dir, tracker.run_id)  # what --resume continues
     tracker.log_params(cfg.flat_dict())
+    tracker.log_metrics(_dataset_size(data), "logging dataset size")  # a run opened late has none yet
     tracker.log_epochs(summary.history)
     tracker.log_metrics({"best_val_acc": summary.best_val_acc, "best_epoch": summary.best_epoch,
                          "epochs_completed": summary.epoch})

@@ -158,7 +158,7 @@ def test_a_run_opened_late_after_an_outage_at_the_start_is_the_one_resume_contin
     for name in (ckpt.LAST, ckpt.BEST):
         assert ckpt.load_checkpoint(cfg.checkpoints_dir / name)["mlflow_run_id"] == run_id
     client = MlflowClient(cfg.mlflow_tracking_uri)
-    dataset_size_logged = "train_images" in client.get_run(run_id).data.metrics
+    assert client.get_run(run_id).data.metrics["train_images"] == 16, "the run opened late has the dataset size"
 
     resumed = _cli(params, "--resume", "--set", "epochs=2")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -166,9 +166,6 @@ def test_a_run_opened_late_after_an_outage_at_the_start_is_the_one_resume_contin
     assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run_id]
     assert [m.step for m in client.get_metric_history(run_id, "val_acc")] == [1, 2]
     assert client.get_run(run_id).info.status == "FINISHED"
-    if not dataset_size_logged:
-        pytest.xfail("bug, reported in issue 19: a run opened late never gets the dataset size (train_images, "
-                     "val_images, skipped_images): flows/train_flow.py logs it only when the run opened at the start")
 
 
 def test_tracking_down_until_the_end_fails_the_run_and_resume_catches_up(make_config, tmp_path):
@@ -193,9 +190,9 @@ def test_resume_after_a_kill_between_logging_the_model_and_registering_it_logs_a
     cfg = make_config(epochs=1, registered_model_name="killed-before-registering")
     params = tmp_path / "params.yaml"
     write_params_file(cfg, params)
-    # MLflow calls: open the run, params, dataset size, epoch 1; at the end params, epochs, summary,
-    # three files, the model, then 12: registering it.
-    killed = _cli(params, failpoint="mlflow_log:12")
+    # MLflow calls: open the run, params, dataset size, epoch 1; at the end params, dataset size, epochs,
+    # summary, three files, the model, then 13: registering it.
+    killed = _cli(params, failpoint="mlflow_log:13")
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert "Logged the best model to MLflow" in killed.stdout + killed.stderr
     assert "Registered" not in killed.stdout + killed.stderr
@@ -209,8 +206,9 @@ def test_resume_after_a_kill_between_logging_the_model_and_registering_it_logs_a
     [version] = client.search_model_versions("name = 'killed-before-registering'")
     assert (str(version.version), version.run_id) == ("1", run_id)
     assert str(client.get_model_version_by_alias("killed-before-registering", "champion").version) == "1"
-    for key in run.data.metrics:
-        assert len(client.get_metric_history(run_id, key)) == 1, key
+    for key in run.data.metrics:  # system/* are sampled every 10 s: a slow run has several
+        if not key.startswith("system/"):
+            assert len(client.get_metric_history(run_id, key)) == 1, key
     assert run.info.status == "FINISHED"
 
 
