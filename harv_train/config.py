@@ -202,6 +202,12 @@ class TrainConfig(BaseModel):
         description="After training, export the best model to TorchScript and ONNX (ARTIFACTS_DIR/export/); "
         "the evaluation report is always written.",
     )
+    # Calibration (issue 14).
+    calibrate: bool = Field(
+        True,
+        description="After training, fit a temperature on the val logits of the best model (LBFGS on NLL) and "
+        "apply it in predict, the export and the MLflow model; false keeps the raw softmax.",
+    )
     # Tracking.
     mlflow_tracking_uri: Annotated[NonEmptyStr, MustBe("a tracking URI such as sqlite:///mlflow.db")] = Field(
         "sqlite:///mlflow.db", description="Any MLflow tracking URI: a SQLite file or http://host:port."
