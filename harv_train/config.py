@@ -22,7 +22,21 @@ from pydantic.fields import FieldInfo
 
 from harv_train.errors import ConfigError
 
-ModelName = Literal["mobilenet_v3_small", "efficientnet_b0", "efficientnet_lite0"]
+# The seed's three backbones, then every torchvision classification model of a family that
+# harv_train.core.models knows how to freeze and fine-tune (issue 14). Written out, not computed: the
+# config loads without importing torch; tests/test_backbones.py checks it against torchvision's list.
+ModelName = Literal[
+    "mobilenet_v3_small", "efficientnet_b0", "efficientnet_lite0",
+    "alexnet", "convnext_base", "convnext_large", "convnext_small", "convnext_tiny", "densenet121", "densenet161",
+    "densenet169", "densenet201", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3", "efficientnet_b4",
+    "efficientnet_b5", "efficientnet_b6", "efficientnet_b7", "efficientnet_v2_l", "efficientnet_v2_m",
+    "efficientnet_v2_s", "mobilenet_v2", "mobilenet_v3_large", "regnet_x_16gf", "regnet_x_1_6gf", "regnet_x_32gf",
+    "regnet_x_3_2gf", "regnet_x_400mf", "regnet_x_800mf", "regnet_x_8gf", "regnet_y_128gf", "regnet_y_16gf",
+    "regnet_y_1_6gf", "regnet_y_32gf", "regnet_y_3_2gf", "regnet_y_400mf", "regnet_y_800mf", "regnet_y_8gf",
+    "resnet101", "resnet152", "resnet18", "resnet34", "resnet50", "resnext101_32x8d", "resnext101_64x4d",
+    "resnext50_32x4d", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
+    "wide_resnet101_2", "wide_resnet50_2",
+]
 MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
 
 
@@ -118,8 +132,12 @@ class TrainConfig(BaseModel):
     model_config = _STRICT
 
     # The seed's keys, with its defaults.
-    model_name: ModelName = Field(
-        "mobilenet_v3_small", description="Backbone: mobilenet_v3_small, efficientnet_b0 or efficientnet_lite0."
+    model_name: Annotated[ModelName, MustBe("a torchvision classification model of the families in docs/params.md "
+                                            "(resnet18, convnext_tiny, efficientnet_b0, ...) or efficientnet_lite0")] = Field(
+        "mobilenet_v3_small",
+        description="Backbone: a torchvision classification model (mobilenet_v3_small, resnet18, convnext_tiny, "
+        "efficientnet_b0..b7, efficientnet_v2_s, regnet_y_400mf, densenet121, vgg16, ...; docs/params.md lists "
+        "the families) or efficientnet_lite0.",
     )
     epochs: int = Field(3, ge=1, description="Number of training epochs.")
     batch_size: int = Field(

@@ -23,8 +23,8 @@ from harv_train.config import TrainConfig
 from harv_train.core import checkpoints as ckpt
 from harv_train.core.early_stopping import EarlyStopping
 from harv_train.core.engine import CUDA_AUTOCAST_DTYPE
-from harv_train.core.freezing import freeze_early_blocks, frozen_block_count, trainable_parameters
-from harv_train.core.models import build_architecture, build_model, format_parameter_counts, model_spec
+from harv_train.core.freezing import feature_blocks, freeze_early_blocks, frozen_block_count, trainable_parameters
+from harv_train.core.models import build_architecture, build_model, family_of, format_parameter_counts, model_spec
 from harv_train.core.runtime import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class RunState:
         n_frozen = frozen_block_count(model, cfg.freeze_ratio)
         freeze_early_blocks(model, n_frozen)
         logger.info(f"Model: {cfg.model_name} ({'ImageNet-pretrained' if cfg.pretrained or cfg.weights_path else 'random init'}), "
-                    f"{n_frozen} of {len(model.features)} feature blocks frozen")
+                    f"{n_frozen} of {len(feature_blocks(model))} stages frozen ({family_of(model).unit})")
         logger.info(format_parameter_counts(model))
         optimizer = build_optimizer(cfg, model)
         spec = model_spec(cfg.model_name)
