@@ -220,6 +220,29 @@ class TrainConfig(BaseModel):
         description="After training, export the best model to TorchScript and ONNX (ARTIFACTS_DIR/export/); "
         "the evaluation report is always written.",
     )
+    # Recipe options (issue 14): the defaults are the seed's recipe (tests/test_seed_recipe.py pins it).
+    hflip: float = Field(
+        0.5, ge=0, le=1,
+        description="Probability of a horizontal flip per training image; 0 never flips (for images whose "
+        "meaning a mirror changes: text, left/right).",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1,
+        description="Label smoothing of the training loss (0: none); val loss stays the plain NLL.",
+    )
+    backbone_lr_mult: float = Field(
+        1.0, gt=0, le=1,
+        description="Learning rate of the trainable backbone stages as a fraction of lr (the head keeps lr); "
+        "fixed for a run (resume keeps its groups).",
+    )
+    schedule: Annotated[Literal["plateau", "cosine"], MustBe("plateau or cosine")] = Field(
+        "plateau",
+        description="plateau: ReduceLROnPlateau on val loss (lr_factor, lr_patience, min_lr); cosine: warmup_epochs "
+        "of linear warmup, then cosine decay over the remaining epochs.",
+    )
+    warmup_epochs: int = Field(
+        0, ge=0, description="Epochs of linear lr warmup before the cosine decay (schedule: cosine only).",
+    )
     # Calibration (issue 14).
     calibrate: bool = Field(
         True,
@@ -243,6 +266,13 @@ class TrainConfig(BaseModel):
         default_factory=DistributedConfig,
         description="Data-parallel training under torchrun; nproc_per_node x nnodes = 1 is the plain single process.",
     )
+
+    @model_validator(mode="after")
+    def _warmup_needs_cosine(self) -> TrainConfig:
+        if self.warmup_epochs and self.schedule != "cosine":
+            raise ValueError(f"warmup_epochs {self.warmup_epochs} needs schedule: cosine (the plateau schedule "
+                             "has no warmup): set schedule: cosine or warmup_epochs: 0")
+        return self
 
     @model_validator(mode="after")
     def _batch_splits_evenly(self) -> TrainConfig:
@@ -287,6 +317,8 @@ _RANGE_WORDING = {
     ("gt",): " > {gt}",
     ("ge", "le"): " from {ge} to {le}",
     ("gt", "lt"): " between {gt} and {lt} (exclusive)",
+    ("ge", "lt"): " from {ge} to below {lt}",
+    ("gt", "le"): " > {gt} and <= {le}",
 }
 
 
