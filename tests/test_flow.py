@@ -116,14 +116,15 @@ def test_the_demo_model_exports_and_prefect_shows_one_task_per_epoch_and_the_run
     summary = state.result()
     client, run = _mlflow_run(cfg, summary.mlflow_run_id)
 
-    # The export: ONNX computes what best_model.pth computes on the val images, and MLflow has it.
+    # The export: ONNX computes what best_model.pth computes on the val images (divided by the
+    # temperature the flow fitted), and MLflow has it.
     best = ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.BEST)
     images = sorted(Path(cfg.data_dir, "val").rglob("*.png"))
     x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((64, 64), Image.Resampling.BILINEAR),
                                                  dtype=np.float32).copy()).permute(2, 0, 1) for p in images]) / 255
     x = (x - 0.5) / 0.5
     with torch.no_grad():
-        want = ckpt.load_model_from_checkpoint(best)(x).numpy()
+        want = ckpt.load_model_from_checkpoint(best)(x).numpy() / best["temperature"]
     session = onnxruntime.InferenceSession(str(cfg.export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], want, atol=1e-4, rtol=0)
     assert want.std(0).min() > 1e-3  # outputs that depend on the image
