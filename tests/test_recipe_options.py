@@ -86,3 +86,15 @@ def test_warmup_without_the_cosine_schedule_is_refused(make_config):
 
     with pytest.raises(ConfigError, match="warmup_epochs 2 needs schedule: cosine"):
         make_config(warmup_epochs=2)
+
+
+@pytest.mark.parametrize("change", [{"backbone_lr_mult": 0.5}, {"schedule": "cosine"}])
+def test_resume_with_other_optimizer_groups_or_schedule_is_refused_in_one_line(make_config, change):
+    from harv_train.core.checks import check_resumable
+    from harv_train.errors import CheckpointError
+    from tests.trained import start_run
+
+    start_run(make_config(epochs=1))
+    key, value = next(iter(change.items()))
+    with pytest.raises(CheckpointError, match=f"was trained with {key} .*, this run has {value}: its optimizer"):
+        check_resumable(make_config(epochs=1, **change), ["cat", "dog"])
