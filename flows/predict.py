@@ -2,7 +2,7 @@
 
 `--checkpoint` takes a .pth written by the training flow, or an exported model.ts / model.onnx
 (with its model.json beside it). Prints one line per image (class and probability), or JSON with
-`--json`. No Prefect run: classifying a few files should not start a server.
+`--json`. `--tta flip` averages each image's probabilities with its mirror image's. No Prefect run: classifying a few files should not start a server.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as a script: make the project packages impo
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harv_train.errors import UserError
-from harv_train.reporting.predict import format_json, format_table, list_images, load_predictor, predict
+from harv_train.reporting.predict import TTA_MODES, format_json, format_table, list_images, load_predictor, predict
 from harv_train.core.runtime import configure_threads
 
 
@@ -27,6 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True,
                         help="best_model.pth from training, or an exported model.ts / model.onnx")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--tta", choices=TTA_MODES, default="none",
+                        help="test-time augmentation: flip averages each image with its mirror image (default: none)")
     return parser.parse_args(argv)
 
 
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         configure_threads(0)
         paths = list_images(args.target)
         predictor = load_predictor(args.checkpoint)
-        results = predict(predictor, paths)
+        results = predict(predictor, paths, tta=args.tta)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

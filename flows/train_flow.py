@@ -71,7 +71,7 @@ from harv_train.core.session import DataSummary, TrainingSession
 from harv_train.errors import UserError
 from harv_train.reporting.summary import epochs_markdown
 from harv_train.tracking.mlflow_tracker import MlflowTracker
-from tasks.evaluation import evaluate_and_export_task
+from tasks.evaluation import calibrate_task, evaluate_and_export_task
 from tasks.logs import library_logs_in_run
 from tasks.training import (
     final_checkpoint_task,
@@ -168,7 +168,15 @@ def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary
     summary = final_checkpoint_task(session)
     params_copy = cfg.checkpoints_dir / "params.yaml"
     write_params_file(cfg, params_copy)
+    calibration = calibrate_task(session) if cfg.calibrate else None  # before the model is logged: it carries T
     _log_run(cfg, tracker, summary, params_copy, data)
+    if calibration:
+        logger.info(f"Calibration on {calibration.images} val images: temperature {calibration.temperature:.3f}, "
+                    f"ECE {calibration.ece_before:.4f} -> {calibration.ece_after:.4f}, "
+                    f"NLL {calibration.nll_before:.4f} -> {calibration.nll_after:.4f}")
+        tracker.log_metrics({"temperature": calibration.temperature, "val_ece": calibration.ece_before,
+                             "val_ece_calibrated": calibration.ece_after, "val_nll": calibration.nll_before,
+                             "val_nll_calibrated": calibration.nll_after}, "logging the calibration")
     # Report, plots and export of best_model.pth, logged to the same MLflow run when it is reachable.
     post = evaluate_and_export_task(session)
     if not tracker.down:

@@ -22,7 +22,21 @@ from pydantic.fields import FieldInfo
 
 from harv_train.errors import ConfigError
 
-ModelName = Literal["mobilenet_v3_small", "efficientnet_b0", "efficientnet_lite0"]
+# The seed's three backbones, then every torchvision classification model of a family that
+# harv_train.core.models knows how to freeze and fine-tune (issue 14). Written out, not computed: the
+# config loads without importing torch; tests/test_backbones.py checks it against torchvision's list.
+ModelName = Literal[
+    "mobilenet_v3_small", "efficientnet_b0", "efficientnet_lite0",
+    "alexnet", "convnext_base", "convnext_large", "convnext_small", "convnext_tiny", "densenet121", "densenet161",
+    "densenet169", "densenet201", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3", "efficientnet_b4",
+    "efficientnet_b5", "efficientnet_b6", "efficientnet_b7", "efficientnet_v2_l", "efficientnet_v2_m",
+    "efficientnet_v2_s", "mobilenet_v2", "mobilenet_v3_large", "regnet_x_16gf", "regnet_x_1_6gf", "regnet_x_32gf",
+    "regnet_x_3_2gf", "regnet_x_400mf", "regnet_x_800mf", "regnet_x_8gf", "regnet_y_128gf", "regnet_y_16gf",
+    "regnet_y_1_6gf", "regnet_y_32gf", "regnet_y_3_2gf", "regnet_y_400mf", "regnet_y_800mf", "regnet_y_8gf",
+    "resnet101", "resnet152", "resnet18", "resnet34", "resnet50", "resnext101_32x8d", "resnext101_64x4d",
+    "resnext50_32x4d", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
+    "wide_resnet101_2", "wide_resnet50_2",
+]
 MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
 
 
@@ -118,8 +132,12 @@ class TrainConfig(BaseModel):
     model_config = _STRICT
 
     # The seed's keys, with its defaults.
-    model_name: ModelName = Field(
-        "mobilenet_v3_small", description="Backbone: mobilenet_v3_small, efficientnet_b0 or efficientnet_lite0."
+    model_name: Annotated[ModelName, MustBe("a torchvision classification model of the families in docs/params.md "
+                                            "(resnet18, convnext_tiny, efficientnet_b0, ...) or efficientnet_lite0")] = Field(
+        "mobilenet_v3_small",
+        description="Backbone: a torchvision classification model (mobilenet_v3_small, resnet18, convnext_tiny, "
+        "efficientnet_b0..b7, efficientnet_v2_s, regnet_y_400mf, densenet121, vgg16, ...; docs/params.md lists "
+        "the families) or efficientnet_lite0.",
     )
     epochs: int = Field(3, ge=1, description="Number of training epochs.")
     batch_size: int = Field(
@@ -202,6 +220,35 @@ class TrainConfig(BaseModel):
         description="After training, export the best model to TorchScript and ONNX (ARTIFACTS_DIR/export/); "
         "the evaluation report is always written.",
     )
+    # Recipe options (issue 14): the defaults are the seed's recipe (tests/test_seed_recipe.py pins it).
+    hflip: float = Field(
+        0.5, ge=0, le=1,
+        description="Probability of a horizontal flip per training image; 0 never flips (for images whose "
+        "meaning a mirror changes: text, left/right).",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1,
+        description="Label smoothing of the training loss (0: none); val loss stays the plain NLL.",
+    )
+    backbone_lr_mult: float = Field(
+        1.0, gt=0, le=1,
+        description="Learning rate of the trainable backbone stages as a fraction of lr (the head keeps lr); "
+        "fixed for a run (resume keeps its groups).",
+    )
+    schedule: Annotated[Literal["plateau", "cosine"], MustBe("plateau or cosine")] = Field(
+        "plateau",
+        description="plateau: ReduceLROnPlateau on val loss (lr_factor, lr_patience, min_lr); cosine: warmup_epochs "
+        "of linear warmup, then cosine decay over the remaining epochs.",
+    )
+    warmup_epochs: int = Field(
+        0, ge=0, description="Epochs of linear lr warmup before the cosine decay (schedule: cosine only).",
+    )
+    # Calibration (issue 14).
+    calibrate: bool = Field(
+        True,
+        description="After training, fit a temperature on the val logits of the best model (LBFGS on NLL) and "
+        "apply it in predict, the export and the MLflow model; false keeps the raw softmax.",
+    )
     # Tracking.
     mlflow_tracking_uri: Annotated[NonEmptyStr, MustBe("a tracking URI such as sqlite:///mlflow.db")] = Field(
         "sqlite:///mlflow.db", description="Any MLflow tracking URI: a SQLite file or http://host:port."
@@ -219,6 +266,13 @@ class TrainConfig(BaseModel):
         default_factory=DistributedConfig,
         description="Data-parallel training under torchrun; nproc_per_node x nnodes = 1 is the plain single process.",
     )
+
+    @model_validator(mode="after")
+    def _warmup_needs_cosine(self) -> TrainConfig:
+        if self.warmup_epochs and self.schedule != "cosine":
+            raise ValueError(f"warmup_epochs {self.warmup_epochs} needs schedule: cosine (the plateau schedule "
+                             "has no warmup): set schedule: cosine or warmup_epochs: 0")
+        return self
 
     @model_validator(mode="after")
     def _batch_splits_evenly(self) -> TrainConfig:
@@ -263,6 +317,8 @@ _RANGE_WORDING = {
     ("gt",): " > {gt}",
     ("ge", "le"): " from {ge} to {le}",
     ("gt", "lt"): " between {gt} and {lt} (exclusive)",
+    ("ge", "lt"): " from {ge} to below {lt}",
+    ("gt", "le"): " > {gt} and <= {le}",
 }
 
 

@@ -10,7 +10,9 @@ from harv_train.core.runtime import configure_threads
 from harv_train.core.session import TrainingSession
 from harv_train.reporting.evaluation import EvalReport, evaluate_checkpoint
 from harv_train.reporting.export import LATENCY_RUNS, ExportResult, export_checkpoint
-from harv_train.reporting.post_training import PostTraining, evaluate_and_export, table_rows
+from harv_train.core import checkpoints as ckpt
+from harv_train.core.calibration import Calibration
+from harv_train.reporting.post_training import PostTraining, calibrate_checkpoint, evaluate_and_export, table_rows
 
 
 def _publish_table(report: EvalReport, where: str) -> None:
@@ -46,6 +48,14 @@ def export_task(checkpoint: str, data: str, out: str, latency_runs: int = LATENC
     result = export_checkpoint(checkpoint, data, out, latency_runs=latency_runs)
     _publish_export(result)
     return result
+
+
+@task(name="calibrate", cache_policy=NO_CACHE)
+def calibrate_task(session: TrainingSession) -> Calibration:
+    """The temperature of best_model.pth, fitted on the val images the session has already decoded."""
+    cfg = session.cfg
+    configure_threads(cfg.threads)
+    return calibrate_checkpoint(cfg.checkpoints_dir / ckpt.BEST, session.splits()["val"], session.device)
 
 
 @task(name="evaluate-and-export", cache_policy=NO_CACHE)

@@ -54,7 +54,8 @@ def test_flow_trains_checkpoints_and_logs_an_mlflow_run(make_config, tmp_path):
 
 def test_logged_model_computes_what_the_best_checkpoint_computes(make_config, tmp_path, monkeypatch):
     """The logged model is the pickle-free pyfunc (it loads with pickles refused): image files in, the best
-    checkpoint's softmax out, on ONNX (what it serves with by default) and on PyTorch."""
+    checkpoint's calibrated softmax out, on ONNX (what it serves with by default) and on PyTorch; the
+    run holds the temperature, ECE before and after, and the reliability diagram."""
     import base64
 
     import mlflow.pyfunc
@@ -71,7 +72,8 @@ def test_logged_model_computes_what_the_best_checkpoint_computes(make_config, tm
     assert logged.tags["harv_train.best_epoch"] == str(best["epoch"])
     images = sorted(Path(cfg.data_dir, "val").rglob("*.png"))
     request = pd.DataFrame({"image": [base64.b64encode(p.read_bytes()).decode() for p in images]})
-    want = oracle_logits(cfg.checkpoints_dir / ckpt.BEST, images).softmax(1)
+    # The flow calibrated best_model.pth: the logged model divides the logits by its temperature.
+    want = (oracle_logits(cfg.checkpoints_dir / ckpt.BEST, images) / best["temperature"]).softmax(1)
     assert want.std(0).min() > 1e-3  # outputs that depend on the input, so the comparison means something
     for runtime in ("onnx", "torch"):
         (tmp_path / runtime).mkdir()
@@ -79,6 +81,9 @@ def test_logged_model_computes_what_the_best_checkpoint_computes(make_config, tm
                                          model_config={"runtime": runtime})
         got = [[row["probabilities"][c] for c in best["classes"]] for row in model.predict(request)]
         torch.testing.assert_close(torch.tensor(got), want, atol=1e-5, rtol=0)
+    assert run.data.metrics["temperature"] == best["temperature"] != 1.0
+    assert run.data.metrics["val_ece_calibrated"] <= run.data.metrics["val_ece"]
+    assert "evaluation/reliability.png" in {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
 
 
 def test_a_sqlite_store_keeps_its_artifacts_beside_it(make_config, tmp_path, monkeypatch):
@@ -111,14 +116,15 @@ def test_the_demo_model_exports_and_prefect_shows_one_task_per_epoch_and_the_run
     summary = state.result()
     client, run = _mlflow_run(cfg, summary.mlflow_run_id)
 
-    # The export: ONNX computes what best_model.pth computes on the val images, and MLflow has it.
+    # The export: ONNX computes what best_model.pth computes on the val images (divided by the
+    # temperature the flow fitted), and MLflow has it.
     best = ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.BEST)
     images = sorted(Path(cfg.data_dir, "val").rglob("*.png"))
     x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((64, 64), Image.Resampling.BILINEAR),
                                                  dtype=np.float32).copy()).permute(2, 0, 1) for p in images]) / 255
     x = (x - 0.5) / 0.5
     with torch.no_grad():
-        want = ckpt.load_model_from_checkpoint(best)(x).numpy()
+        want = ckpt.load_model_from_checkpoint(best)(x).numpy() / best["temperature"]
     session = onnxruntime.InferenceSession(str(cfg.export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], want, atol=1e-4, rtol=0)
     assert want.std(0).min() > 1e-3  # outputs that depend on the image

@@ -215,24 +215,3 @@ def test_the_runtime_variable_is_checked(champion, tmp_path, monkeypatch):
     monkeypatch.setenv(RUNTIME_ENV, "tensorflow")
     with pytest.raises(MlflowException, match=f"{RUNTIME_ENV}='tensorflow': choose one of onnx, torch"):
         _load(uri, tmp_path / "model")
-
-
-def test_a_checkpoint_temperature_goes_into_the_card_and_divides_the_logits(champion, tmp_path):
-    """A calibrated checkpoint's `temperature`: in model.json, and the probabilities are softmax(logits / T)."""
-    import math
-
-    import numpy as np
-
-    from harv_train.reporting.predict import Predictor
-    from harv_train.tracking.pyfunc_model import classify, write_model_files
-
-    _, _, cfg, images = champion
-    state = {**ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.BEST), "temperature": 2.0}
-    files = write_model_files(state, tmp_path / "files", onnx=False)
-    card = json.loads(Path(files["model_card"]).read_text())
-    assert card["temperature"] == 2.0 and "onnx" not in files
-
-    fixed = Predictor(["cat", "dog"], 32, "bilinear", (0.5,) * 3, (0.5,) * 3,
-                      lambda x: np.array([[3.0, 1.0]] * len(x), dtype=np.float32), "fixed")
-    [row] = classify(fixed, [b64(images[0].read_bytes())], temperature=card["temperature"])
-    assert row["probabilities"]["cat"] == pytest.approx(1 / (1 + math.exp(-1.0)))  # softmax([1.5, 0.5])

@@ -129,9 +129,14 @@ def draws_to(draws: list[AugmentParams], device: torch.device) -> list[AugmentPa
                                            moved([d.factors for d in draws], 1), moved([d.order for d in draws]))]
 
 
-def draw_augmentation(b: int, generator: torch.Generator) -> AugmentParams:
+SEED_HFLIP = 0.5  # the seed's RandomHorizontalFlip probability
+
+
+def draw_augmentation(b: int, generator: torch.Generator, hflip: float = SEED_HFLIP) -> AugmentParams:
+    """`hflip` is the probability of a horizontal flip (0: never). The same numbers are drawn whatever
+    it is, so the other draws of a seed do not depend on it."""
     # All randomness is drawn on the CPU from `generator`, so a seed fixes it on any device.
-    flip = torch.rand(b, generator=generator) < 0.5
+    flip = torch.rand(b, generator=generator) < hflip
     angle = (torch.rand(b, generator=generator) * 2 - 1) * ROTATION_DEGREES
     factors = 1 + (torch.rand(3, b, generator=generator) * 2 - 1) * JITTER
     order = torch.argsort(torch.rand(b, 3, generator=generator), dim=1)

@@ -55,6 +55,16 @@ def check_resumable(cfg: TrainConfig, classes: list[str]) -> dict[str, Any]:
             f"this run is {ours[0]} on {ours[1]} at {ours[2]}px, freeze_ratio {ours[3]}: resume with the same "
             "params, or start without --resume (or with another artifacts_dir)"
         )
+    # What shapes the optimizer's and scheduler's saved state (issue 14): another value could not load it.
+    saved = state["params"]
+    for key, same in (("backbone_lr_mult", lambda a, b: (a == 1.0) == (b == 1.0)), ("schedule", lambda a, b: a == b)):
+        default = TrainConfig.model_fields[key].default
+        if not same(saved.get(key, default), getattr(cfg, key)):
+            raise CheckpointError(
+                f"{path} was trained with {key} {saved.get(key, default)}, this run has {getattr(cfg, key)}: its "
+                f"optimizer and scheduler state would not fit; resume with {key} {saved.get(key, default)}, or start "
+                "without --resume (or with another artifacts_dir)"
+            )
     return state
 
 

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from harv_train.core.augment import apply_augmentation, draw_augmentation, draws_to, normalize
+from harv_train.core.augment import SEED_HFLIP, apply_augmentation, draw_augmentation, draws_to, normalize
 from harv_train.core.data import DecodedSplit
 from harv_train.core.failpoints import failpoint
 from harv_train.core.freezing import forward_from, frozen_features, set_train_mode
@@ -25,6 +25,17 @@ try:
     from tqdm import tqdm
 except ImportError:  # tqdm is optional: no progress bar without it
     tqdm = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a training step takes from the recipe params (issue 14); the defaults are the seed's."""
+
+    hflip: float = SEED_HFLIP  # probability of a horizontal flip per sample; 0 never flips
+    label_smoothing: float = 0.0  # of the training loss only; validation reports the plain NLL
+
+
+SEED_RECIPE = Recipe()
 
 
 @dataclass
@@ -121,6 +132,7 @@ def train_one_epoch(
     world: World = SINGLE,
     trainable: Callable[[torch.Tensor], torch.Tensor] | None = None,
     prefix: nn.Module | None = None,
+    recipe: Recipe = SEED_RECIPE,
 ) -> EpochResult:
     """Shuffle, augment, forward, backward, step over every training image once.
 
@@ -131,7 +143,7 @@ def train_one_epoch(
     stands in for the frozen blocks (their BatchNorm-folded copy, see freezing.fused_frozen_prefix).
     """
     start = time.perf_counter()
-    criterion = nn.CrossEntropyLoss()
+    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     set_train_mode(model, n_frozen)
     if trainable is None:  # not `or`: a compiled module refuses to be tested for truth (it has no len)
         trainable = lambda h: forward_from(model, n_frozen, h)  # noqa: E731
@@ -140,7 +152,7 @@ def train_one_epoch(
     if world.size > 1:  # every rank needs a share of every step: a last batch smaller than the world is dropped
         global_batches = [b for b in global_batches if len(b) >= world.size]
     mine = [torch.arange(world.rank, len(b), world.size) for b in global_batches]
-    draws = draws_to([draw_augmentation(len(b), generator).select(rows) for b, rows in zip(global_batches, mine)],
+    draws = draws_to([draw_augmentation(len(b), generator, recipe.hflip).select(rows) for b, rows in zip(global_batches, mine)],
                      pipeline.device)
     chunks = [b[rows] for b, rows in zip(global_batches, mine)]
     if data.cached and data.images.device.type != "cpu":  # the images live on the GPU: so do their indices

@@ -1,7 +1,9 @@
 """Freezing the early backbone and running the frozen part as a fixed feature extractor.
 
-The unit of `freeze_ratio` is the top-level block of the backbone's `features` Sequential
-(13 blocks in MobileNetV3-Small, 9 in EfficientNet-B0/Lite0): the first
+The unit of `freeze_ratio` is the family's natural stage (harv_train.core.models.Family): a
+top-level block of `features` for MobileNet, EfficientNet, ConvNeXt and DenseNet (13 blocks in
+MobileNetV3-Small, 9 in EfficientNet-B0/Lite0, 8 in ConvNeXt: stem, 4 stages, 3 downsamplings);
+the stem and the four layers of a ResNet or RegNet (5). The first
 `floor(freeze_ratio * number_of_blocks)` blocks are frozen, the later blocks and the classifier
 head always train. Frozen blocks stay in eval mode (their BatchNorm statistics never drift) and run
 outside autograd, so they cost only a forward pass.
@@ -15,9 +17,12 @@ import math
 import torch
 from torch import nn
 
+from harv_train.core.models import family_of
+
 
 def feature_blocks(model: nn.Module) -> nn.Sequential:
-    return model.features
+    """The backbone's stages in forward order, as a Sequential of the model's own modules."""
+    return family_of(model).stages(model)
 
 
 def frozen_block_count(model: nn.Module, freeze_ratio: float) -> int:
@@ -72,9 +77,7 @@ def fused_frozen_prefix(model: nn.Module, n_frozen: int) -> nn.Module:
 def forward_from(model: nn.Module, n_frozen: int, h: torch.Tensor) -> torch.Tensor:
     """The rest of the network, from the frozen prefix's output to the logits."""
     h = feature_blocks(model)[n_frozen:](h)
-    h = model.avgpool(h)
-    h = torch.flatten(h, 1)
-    return model.classifier(h)
+    return family_of(model).head(model, h)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

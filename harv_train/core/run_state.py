@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,8 @@ from harv_train.config import TrainConfig
 from harv_train.core import checkpoints as ckpt
 from harv_train.core.early_stopping import EarlyStopping
 from harv_train.core.engine import CUDA_AUTOCAST_DTYPE
-from harv_train.core.freezing import freeze_early_blocks, frozen_block_count, trainable_parameters
-from harv_train.core.models import build_architecture, build_model, format_parameter_counts, model_spec
+from harv_train.core.freezing import feature_blocks, freeze_early_blocks, frozen_block_count, trainable_parameters
+from harv_train.core.models import build_architecture, build_model, family_of, format_parameter_counts, model_spec
 from harv_train.core.runtime import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, state: dict | None = Non
     kernel over all weights instead of a loop per tensor (a quarter of the step time on CPU)."""
     params = trainable_parameters(model)
     fused = all(p.device.type in ("cpu", "cuda") for p in params)
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    optimizer = torch.optim.Adam(_param_groups(cfg, model, params), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 fused=fused)
     if state is not None:
         # A loaded group would keep the implementation flag it was saved with; loading with this one
         # also puts Adam's step counters where the fused kernel wants them.
@@ -87,10 +89,41 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, state: dict | None = Non
     return optimizer
 
 
+def _param_groups(cfg: TrainConfig, model: nn.Module, params: list[nn.Parameter]) -> list:
+    """One group (the seed's), or with backbone_lr_mult != 1 the head first (its lr is the one logged)
+    and the trainable backbone stages at lr x backbone_lr_mult."""
+    if cfg.backbone_lr_mult == 1.0:
+        return params
+    in_stages = {id(p) for p in feature_blocks(model).parameters()}
+    head = [p for p in params if id(p) not in in_stages]
+    backbone = [p for p in params if id(p) in in_stages]
+    groups = [{"params": head, "lr": cfg.lr}, {"params": backbone, "lr": cfg.lr * cfg.backbone_lr_mult}]
+    return [g for g in groups if g["params"]]
+
+
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
+    """plateau (the seed's): ReduceLROnPlateau on val loss. cosine: `warmup_epochs` of linear warmup,
+    then cosine decay over the remaining epochs, stepped once per epoch (`step_scheduler`)."""
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: cosine_factor(e, cfg.epochs, cfg.warmup_epochs))
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr
     )
+
+
+def cosine_factor(epoch: int, epochs: int, warmup: int) -> float:
+    """The lr of 0-based `epoch` as a fraction of lr: (e + 1) / (warmup + 1) while warming up, then
+    half a cosine from 1 towards 0 that the last epoch does not reach."""
+    if epoch < warmup:
+        return (epoch + 1) / (warmup + 1)
+    return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / max(1, epochs - warmup)))
+
+
+def step_scheduler(scheduler, val_loss: float) -> None:
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(val_loss)
+    else:
+        scheduler.step()
 
 
 class RunState:
@@ -103,6 +136,11 @@ class RunState:
         self.optimizer = build_optimizer(cfg, model, checkpoint["optimizer"])
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            # Building an epoch-stepped scheduler set the lrs of its epoch 0: put back those of the
+            # epoch the checkpoint is at.
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+                group["lr"] = lr
         self.stopper = EarlyStopping(cfg.early_stopping_patience)
         self.stopper.load_state_dict(checkpoint["early_stopping"])
         # float16 autocast needs loss scaling against underflowing gradients; bfloat16 does not.
@@ -126,7 +164,7 @@ class RunState:
         n_frozen = frozen_block_count(model, cfg.freeze_ratio)
         freeze_early_blocks(model, n_frozen)
         logger.info(f"Model: {cfg.model_name} ({'ImageNet-pretrained' if cfg.pretrained or cfg.weights_path else 'random init'}), "
-                    f"{n_frozen} of {len(model.features)} feature blocks frozen")
+                    f"{n_frozen} of {len(feature_blocks(model))} stages frozen ({family_of(model).unit})")
         logger.info(format_parameter_counts(model))
         optimizer = build_optimizer(cfg, model)
         spec = model_spec(cfg.model_name)

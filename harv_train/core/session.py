@@ -28,10 +28,11 @@ from harv_train.core.checks import changed_params, check_resumable
 from harv_train.core.compiled import compile_trainable
 from harv_train.core.data import DecodedSplit, load_dataset
 from harv_train.core.decoded_cache import resolve_cache_dir
-from harv_train.core.engine import SINGLE, Pipeline, World, evaluate, frozen_feature_batches, train_one_epoch
+from harv_train.core.engine import (SINGLE, Pipeline, Recipe, World, evaluate, frozen_feature_batches,
+                                    train_one_epoch)
 from harv_train.core.freezing import forward_from, fused_frozen_prefix
 from harv_train.core.models import model_spec
-from harv_train.core.run_state import EpochMetrics, RunState, RunSummary, summary_of
+from harv_train.core.run_state import EpochMetrics, RunState, RunSummary, step_scheduler, summary_of
 from harv_train.core.runtime import available_cores, configure_threads, epoch_seed, resolve_device
 from harv_train.errors import CheckpointError
 
@@ -203,7 +204,8 @@ class TrainingSession:
         elif cfg.compile:
             trainable = self._compiled_trainable(state)
         train = train_one_epoch(model, n_frozen, state.optimizer, self.train_split(), cfg.batch_size, self.pipeline,
-                                generator, state.scaler, progress, world, trainable, prefix)
+                                generator, state.scaler, progress, world, trainable, prefix,
+                                Recipe(hflip=cfg.hflip, label_smoothing=cfg.label_smoothing))
 
         val_start = time.perf_counter()
         features = self._val_features or self._collect_val_features(
@@ -211,7 +213,7 @@ class TrainingSession:
         val = evaluate(model, n_frozen, features, world)
         val.seconds = time.perf_counter() - val_start  # includes the frozen features when computed this epoch
 
-        state.scheduler.step(val.loss)
+        step_scheduler(state.scheduler, val.loss)
         is_best = state.stopper.step(val.acc, val.loss)
         logger.info(f"Epoch {epoch + 1}/{cfg.epochs}")
         logger.info(f"Train: loss={train.loss:.4f}, accuracy={train.acc:.4f} ({train.batches} batches, {train.seconds:.1f}s)")

@@ -11,6 +11,8 @@ metrics, and write
     learning_curves.png    from the checkpoint's per-epoch history
     confusion_matrix.png   counts and row-normalized
     worst_images.png       contact sheet of the highest-loss images
+    reliability.png        reliability diagram (15 confidence bins), before and after the checkpoint's
+                           temperature when it has one
 
 No Prefect, no MLflow: the flows wrap this and log the files.
 """
@@ -30,6 +32,7 @@ from torch import nn
 
 from harv_train.core import checkpoints as ckpt
 from harv_train.core.augment import normalize
+from harv_train.core.calibration import expected_calibration_error, nll, reliability_bins
 from harv_train.core.data import DecodedSplit, decode_split, scan_split
 from harv_train.errors import CheckpointError, DataError
 from harv_train.reporting.metrics import ClassificationMetrics, classification_metrics
@@ -153,11 +156,24 @@ class EvalReport:
     metrics: ClassificationMetrics
     loss: float
     files: dict[str, Path] = field(default_factory=dict)
+    calibration: dict[str, float] = field(default_factory=dict)  # see calibration_metrics
 
     def summary(self) -> dict[str, Any]:
         """Small and JSON-able: what a Prefect task returns."""
         return {"out_dir": str(self.out_dir), "loss": self.loss, "images": self.metrics.total,
-                **self.metrics.summary(), "files": {k: str(v) for k, v in self.files.items()}}
+                **self.metrics.summary(), **self.calibration, "files": {k: str(v) for k, v in self.files.items()}}
+
+
+def calibration_metrics(predictions: Predictions, temperature: float | None) -> dict[str, float]:
+    """ECE (15 bins) of the raw softmax, and with the checkpoint's temperature when it has one: then
+    also that temperature and the loss (NLL) with it. `loss` stays the raw network's."""
+    logits, labels = torch.from_numpy(predictions.logits), torch.from_numpy(predictions.labels)
+    out = {"ece": expected_calibration_error(logits, labels)}
+    if temperature is not None:
+        out.update({"temperature": float(temperature),
+                    "ece_calibrated": expected_calibration_error(logits, labels, float(temperature)),
+                    "loss_calibrated": nll(logits, labels, float(temperature))})
+    return out
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
@@ -180,9 +196,11 @@ def write_report(out_dir: str | Path, state: dict[str, Any], predictions: Predic
     metrics = classification_metrics(predictions.labels, predictions.predicted, classes)
     worst = worst_images(predictions, classes)
     loss = float(predictions.losses.mean())
+    temperature = state.get("temperature")
+    calibration = calibration_metrics(predictions, temperature)
     files: dict[str, Path] = {}
 
-    report = {**source, "loss": loss, **metrics.to_dict(), "worst_images": worst}
+    report = {**source, "loss": loss, **calibration, **metrics.to_dict(), "worst_images": worst}
     files["report"] = out_dir / "report.json"
     files["report"].write_text(json.dumps(report, indent=2), encoding="utf-8")
     rows = metrics.table_rows()
@@ -194,7 +212,12 @@ def write_report(out_dir: str | Path, state: dict[str, Any], predictions: Predic
     files["learning_curves"] = plots.learning_curves(history, state.get("best_epoch"), out_dir / "learning_curves.png")
     files["confusion_plot"] = plots.confusion_matrix_plot(metrics.confusion, classes, out_dir / "confusion_matrix.png")
     files["worst_images"] = plots.contact_sheet(worst, out_dir / "worst_images.png")
-    return EvalReport(out_dir, metrics, loss, files)
+    logits, labels = torch.from_numpy(predictions.logits).double(), torch.from_numpy(predictions.labels)
+    curves = {"softmax": reliability_bins(torch.softmax(logits, 1), labels)}
+    if temperature is not None:
+        curves[f"temperature {float(temperature):.3g}"] = reliability_bins(torch.softmax(logits / temperature, 1), labels)
+    files["reliability"] = plots.reliability_diagram(curves, out_dir / "reliability.png")
+    return EvalReport(out_dir, metrics, loss, files, calibration)
 
 
 def run_history(checkpoint: str | Path, state: dict[str, Any]) -> list[dict[str, Any]]:
@@ -233,8 +256,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: s
               "epoch": state["epoch"], "best_epoch": state.get("best_epoch"), "img_size": state["img_size"]}
     report = write_report(out_dir, state, predictions, source, run_history(checkpoint, state))
     m = report.metrics
+    c = report.calibration
+    calibrated = (f", with temperature {c['temperature']:.3g}: ECE {c['ece_calibrated']:.4f}, loss {c['loss_calibrated']:.4f}"
+                  if "temperature" in c else "")
     logger.info(f"Evaluation of {checkpoint} on {m.total} images in {data_dir}: accuracy {m.accuracy:.4f}, "
-        f"macro F1 {m.macro['f1']:.4f}, loss {report.loss:.4f} -> {report.out_dir}")
+        f"macro F1 {m.macro['f1']:.4f}, loss {report.loss:.4f}, ECE {c['ece']:.4f}{calibrated} -> {report.out_dir}")
     return report
 
 

@@ -5,9 +5,12 @@
     model.ts            TorchScript (traced); model.json is also embedded as an extra file
     model.onnx          ONNX, dynamic batch size; classes and normalization in its metadata
     model.json          what a user of the files needs: classes in output order, mean, std, img_size,
-                        resize filter, input and output layout
+                        resize filter, temperature, input and output layout
     export_report.json  parity (max abs logit difference to PyTorch on real validation images) and
                         CPU latency per image at batch 1 (median of repeated runs) for each runtime
+
+A calibrated checkpoint's temperature is inside both graphs (their output is logits / T, see
+harv_train.core.calibration): softmax of the output is the calibrated probability in any runtime.
 
 The files are written under temporary names and renamed into place only after the parity check, so
 `out_dir` never holds an export that computes something else than the checkpoint.
@@ -31,6 +34,7 @@ import torch
 from torch import nn
 
 from harv_train.core.augment import normalize
+from harv_train.core.calibration import with_temperature
 from harv_train.core.data import DecodedSplit
 from harv_train.errors import ExportError
 
@@ -46,6 +50,11 @@ ONNX_OPSET = 17
 def model_card(state: dict[str, Any]) -> dict[str, Any]:
     """Everything needed to feed the exported model and read its output, beside the weights."""
     size = int(state["img_size"])
+    temperature = state.get("temperature")
+    meaning = "unnormalized scores in the order of classes; softmax gives probabilities"
+    if temperature is not None:
+        meaning = (f"calibrated scores in the order of classes: the network's logits already divided by "
+                   f"temperature {float(temperature):.4g}; softmax gives calibrated probabilities")
     return {
         "format": "harv-train-export/1",
         "model_name": state["model_name"],
@@ -57,8 +66,8 @@ def model_card(state: dict[str, Any]) -> dict[str, Any]:
         "input": {"name": "input", "dtype": "float32", "shape": ["batch", 3, size, size],
                   "preprocessing": f"RGB, resize to {size}x{size} ({state['interpolation']}), "
                                    "scale to 0..1, subtract mean, divide by std"},
-        "output": {"name": "logits", "shape": ["batch", len(state["classes"])],
-                   "meaning": "unnormalized scores in the order of classes; softmax gives probabilities"},
+        "temperature": None if temperature is None else float(temperature),
+        "output": {"name": "logits", "shape": ["batch", len(state["classes"])], "meaning": meaning},
         "epoch": state.get("epoch"),
         "best_val_acc": state.get("best_val_acc"),
     }
@@ -99,8 +108,9 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, card: dict[
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
         )
     proto = onnx.load(str(path))
-    onnx.helper.set_model_props(proto, {k: json.dumps(card[k]) for k in ("classes", "mean", "std", "img_size",
-                                                                       "interpolation", "model_name")})
+    onnx.helper.set_model_props(proto, {k: json.dumps(card.get(k)) for k in ("classes", "mean", "std", "img_size",
+                                                                            "interpolation", "model_name",
+                                                                            "temperature")})
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
     return path
@@ -179,10 +189,11 @@ class ExportResult:
 
 def export_model(model: nn.Module, state: dict[str, Any], split: DecodedSplit, out_dir: str | Path,
                  tolerance: float = TOLERANCE, latency_runs: int = LATENCY_RUNS) -> ExportResult:
-    """Export `model` (eval mode, CPU), check both files on `split`'s images, then move them into place."""
+    """Export `model` (eval mode, CPU) with `state`'s temperature in the graph, check both files on
+    `split`'s images against it, then move them into place."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = model.eval().cpu()
+    model = with_temperature(model.eval().cpu(), state.get("temperature"))
     card = model_card(state)
     size = card["img_size"]
     example = torch.zeros(1, 3, size, size)

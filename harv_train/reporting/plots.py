@@ -1,4 +1,5 @@
-"""The report's pictures as PNG files: learning curves, confusion matrix, worst-images contact sheet.
+"""The report's pictures as PNG files: learning curves, confusion matrix, worst-images contact sheet,
+reliability diagram.
 
 Drawn on `matplotlib.figure.Figure` objects with the Agg renderer, never through pyplot: no display
 needed, no global state shared with whatever else runs in the process (Prefect runs tasks in threads).
@@ -161,6 +162,31 @@ def contact_sheet(items: Sequence[dict[str, Any]], path: str | Path, columns: in
             fontsize=8, loc="left", color="tab:red" if wrong else "0.2",
         )
     fig.suptitle("Highest-loss validation images, worst first (red: misclassified)", fontsize=11)
+    return _save(fig, path)
+
+
+def reliability_diagram(curves: dict[str, Any], path: str | Path) -> Path:
+    """Accuracy against confidence per bin, one panel per curve (e.g. before and after temperature
+    scaling): bars on the diagonal are calibrated; the gap to it, weighted by the bin's share of
+    images, sums to the ECE in the title. `curves` maps a title to a calibration.ReliabilityBins."""
+    fig = Figure(figsize=(4.5 * len(curves), 4.5), dpi=110, layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(curves)))
+    for ax, (title, bins) in zip(axes, curves.items()):
+        width = bins.edges[1] - bins.edges[0]
+        left = np.array(bins.edges[:-1])
+        filled = np.array(bins.counts) > 0
+        ax.bar(left[filled], np.array(bins.accuracy)[filled], width=width, align="edge",
+               edgecolor="black", color="tab:blue", label="accuracy")
+        ax.bar(left[filled], (np.array(bins.confidence) - np.array(bins.accuracy))[filled],
+               bottom=np.array(bins.accuracy)[filled], width=width, align="edge",
+               color="tab:red", alpha=0.3, label="gap to confidence")
+        ax.plot([0, 1], [0, 1], "--", color="0.4", lw=1)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (top probability)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{title}: ECE {bins.ece:.3f} ({sum(bins.counts)} images)")
+        ax.legend(loc="upper left", fontsize=8)
     return _save(fig, path)
 
 

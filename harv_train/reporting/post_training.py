@@ -1,7 +1,7 @@
-"""What a training run does after its last epoch: evaluate the best model and export it.
+"""What a training run does after its last epoch: calibrate, evaluate and export the best model.
 
-The report goes to `ARTIFACTS_DIR/eval/` and the export to `ARTIFACTS_DIR/export/`; the flow logs
-both to its MLflow run.
+The temperature goes into best_model.pth (before the flow logs the model), the report to
+`ARTIFACTS_DIR/eval/` and the export to `ARTIFACTS_DIR/export/`; the flow logs them to its MLflow run.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import torch
 
 from harv_train.config import TrainConfig
 from harv_train.core import checkpoints as ckpt
+from harv_train.core.calibration import Calibration, calibrate
 from harv_train.core.data import DecodedSplit
-from harv_train.reporting.evaluation import EvalReport, evaluate_checkpoint, load_trained_model
+from harv_train.reporting.evaluation import EvalReport, evaluate_checkpoint, load_trained_model, predict_split
 from harv_train.reporting.export import ExportResult, export_model
 
 
@@ -23,6 +24,17 @@ from harv_train.reporting.export import ExportResult, export_model
 class PostTraining:
     evaluation: EvalReport
     export: ExportResult | None  # None when `export: false`
+
+
+def calibrate_checkpoint(checkpoint: Path, val: DecodedSplit, device: torch.device | str = "cpu") -> Calibration:
+    """Fit the temperature of `checkpoint` (a run's best_model.pth) on the val images and write it, and
+    what it did, into the file. Deterministic: a resumed run that calibrates again writes the same number."""
+    best = Path(checkpoint)
+    state, model = load_trained_model(best)
+    predictions = predict_split(model, val, state["mean"], state["std"], device=device)
+    result = calibrate(torch.from_numpy(predictions.logits), torch.from_numpy(predictions.labels))
+    ckpt.save_checkpoint({**state, "temperature": result.temperature, "calibration": result.to_dict()}, best)
+    return result
 
 
 def evaluate_and_export(cfg: TrainConfig, val: DecodedSplit, device: torch.device) -> PostTraining:

@@ -2,7 +2,9 @@
 
 Each image is decoded exactly as in training and evaluation (harv_train.core.data.decode_image: RGB, the
 model's resize filter, its img_size) and normalized with the model's mean and std, so a prediction
-here is what the evaluation report measured.
+here is what the evaluation report measured. A calibrated model's temperature divides the logits in
+every runtime (the checkpoint's `temperature`; inside the exported graphs), so "probability" is the
+calibrated one. `tta="flip"` averages the probabilities of each image and its mirror image.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import numpy as np
 import torch
 
 from harv_train.core.augment import normalize
+from harv_train.core.calibration import with_temperature
 from harv_train.core.data import IMG_EXTENSIONS, decode_image
 from harv_train.errors import DataError, UserError
 
 BATCH_SIZE = 32
+TTA_MODES = ("none", "flip")
 
 
 @dataclass
@@ -41,6 +45,7 @@ def load_predictor(path: str | Path) -> Predictor:
     from harv_train.reporting.evaluation import load_trained_model
 
     state, model = load_trained_model(path)
+    model = with_temperature(model, state.get("temperature"))
 
     def run(x: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
@@ -88,7 +93,21 @@ def list_images(target: str | Path) -> list[Path]:
     return images
 
 
-def predict(predictor: Predictor, paths: Sequence[Path], batch_size: int = BATCH_SIZE) -> list[dict[str, Any]]:
+def probabilities(predictor: Predictor, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """Softmax of the predictor's (calibrated) logits for normalized images `x`; with tta="flip", the
+    mean of those of `x` and of its left-right mirror."""
+    def softmax(batch: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(torch.from_numpy(np.asarray(predictor.logits(batch), dtype=np.float32)), dim=1)
+
+    if tta == "flip":
+        return (softmax(x) + softmax(x.flip(-1).contiguous())) / 2
+    if tta != "none":
+        raise UserError(f"tta {tta!r} is not known: choose one of {', '.join(TTA_MODES)}")
+    return softmax(x)
+
+
+def predict(predictor: Predictor, paths: Sequence[Path], batch_size: int = BATCH_SIZE,
+            tta: str = "none") -> list[dict[str, Any]]:
     """One dict per path, in order: class and probability, or the reason the image could not be read."""
     results: list[dict[str, Any]] = []
     for start in range(0, len(paths), batch_size):
@@ -102,7 +121,7 @@ def predict(predictor: Predictor, paths: Sequence[Path], batch_size: int = BATCH
                 rows[i]["error"] = str(exc)
         if decoded:
             x = normalize(torch.stack([t for _, t in decoded]), predictor.mean, predictor.std)
-            probs = torch.softmax(torch.from_numpy(np.asarray(predictor.logits(x), dtype=np.float32)), dim=1)
+            probs = probabilities(predictor, x, tta)
             for (i, _), p in zip(decoded, probs):
                 best = int(p.argmax())
                 rows[i].update({"class": predictor.classes[best], "probability": float(p[best])})

@@ -307,7 +307,7 @@ class MlflowTracker:
 
     def log_evaluation(self, report) -> None:
         """An EvalReport: eval_* metrics and the report's files under evaluation/."""
-        metrics = {f"eval_{k}": v for k, v in report.metrics.summary().items()}
+        metrics = {f"eval_{k}": v for k, v in {**report.metrics.summary(), **report.calibration}.items()}
         self.log_metrics({**metrics, "eval_loss": report.loss}, "logging the evaluation metrics")
         for path in report.files.values():
             self.log_artifact(path, "evaluation")

@@ -15,7 +15,8 @@ Nothing in it is a pickle: MLflow runs pyfunc_entry.py with the model's code on 
 Input: a DataFrame (or the JSON `dataframe_split` / `dataframe_records` of `mlflow models serve`) with
 a column `image` of base64-encoded image files (JPEG, PNG, ... anything PIL reads; a `data:` URL
 prefix is accepted). Each image is decoded exactly as in training (harv_train.core.data.decode_image)
-and normalized with the model's mean and std. Output, one record per input row, in order:
+and normalized with the model's mean and std. A calibrated model's temperature (model.json) divides
+the logits in both runtimes: model.onnx holds the division, the PyTorch path adds it. Output, one record per input row, in order:
 `{"class", "probability", "probabilities": {class: p, ...}}`, or `{"error": "..."}` for a row that
 is not a readable image (the other rows are unaffected). An empty request raises an MlflowException
 with INVALID_PARAMETER_VALUE, which the scoring server answers with HTTP 400.
@@ -74,7 +75,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
     # A DataFrame hint: MLflow checks the input against the signature, and infers nothing from the hint.
     def predict(self, context, model_input: pd.DataFrame, params=None) -> list[dict[str, Any]]:
-        return classify(self.predictor, images_of(model_input), self.card.get("temperature"))
+        return classify(self.predictor, images_of(model_input))
 
 
 def choose_runtime(asked: str | None, has_onnx: bool) -> str:
@@ -101,11 +102,12 @@ def load_predictor(card: dict[str, Any], weights: Path, onnx: Path | None = None
     else:
         from safetensors.torch import load_file
 
+        from harv_train.core.calibration import with_temperature
         from harv_train.core.models import build_architecture
 
         model = build_architecture(card["model_name"], len(card["classes"]))
         model.load_state_dict(load_file(str(weights)))
-        model.eval()
+        model = with_temperature(model.eval(), card.get("temperature"))  # model.onnx holds it already
 
         def run(x: torch.Tensor) -> np.ndarray:
             with torch.no_grad():
@@ -170,10 +172,10 @@ def _file_bytes(value: Any, row: int) -> bytes:
     return data
 
 
-def classify(predictor: Predictor, values: Sequence[Any], temperature: float | None = None,
-             batch_size: int = BATCH_SIZE) -> list[dict[str, Any]]:
+def classify(predictor: Predictor, values: Sequence[Any], batch_size: int = BATCH_SIZE) -> list[dict[str, Any]]:
     """One record per value, in order: class, probability and every class's probability (softmax of
-    logits / temperature), or the reason the value is not a readable image."""
+    the predictor's logits, which a calibrated model has divided by its temperature), or the reason
+    the value is not a readable image."""
     rows: list[dict[str, Any]] = [{} for _ in values]
     decoded: list[tuple[int, torch.Tensor]] = []
     for i, value in enumerate(values):
@@ -182,12 +184,11 @@ def classify(predictor: Predictor, values: Sequence[Any], temperature: float | N
             decoded.append((i, decode_image(image, predictor.img_size, predictor.interpolation)))
         except DataError as exc:
             rows[i] = {"error": str(exc)}
-    scale = 1.0 / float(temperature) if temperature else 1.0
     for start in range(0, len(decoded), batch_size):
         chunk = decoded[start : start + batch_size]
         x = normalize(torch.stack([t for _, t in chunk]), predictor.mean, predictor.std)
         logits = torch.from_numpy(np.asarray(predictor.logits(x), dtype=np.float32))
-        probs = torch.softmax(logits * scale, dim=1).tolist()
+        probs = torch.softmax(logits, dim=1).tolist()
         for (i, _), p in zip(chunk, probs):
             best = max(range(len(p)), key=p.__getitem__)
             rows[i] = {"class": predictor.classes[best], "probability": p[best],
@@ -199,14 +200,11 @@ def classify(predictor: Predictor, values: Sequence[Any], temperature: float | N
 
 
 def model_card(state: dict[str, Any]) -> dict[str, Any]:
-    """The export's model card (harv_train.reporting.export), plus the weights file and temperature."""
+    """The export's model card (harv_train.reporting.export, temperature included), plus the weights file."""
     from harv_train.reporting.export import model_card as export_card
 
     card = export_card(state)
     card["weights"] = WEIGHTS
-    if state.get("temperature") is not None:
-        card["temperature"] = float(state["temperature"])
-        card["output"]["meaning"] += f"; divide by temperature {card['temperature']:g} before the softmax"
     return card
 
 
@@ -238,10 +236,11 @@ def write_model_files(state: dict[str, Any], out_dir: Path, onnx: Path | None | 
 
 
 def _export_checked_onnx(state: dict[str, Any], card: dict[str, Any], path: Path) -> None:
+    from harv_train.core.calibration import with_temperature
     from harv_train.core.checkpoints import load_model_from_checkpoint
     from harv_train.reporting.export import export_onnx, onnx_session
 
-    model = load_model_from_checkpoint(state).cpu()
+    model = with_temperature(load_model_from_checkpoint(state).cpu(), state.get("temperature"))
     size = card["img_size"]
     export_onnx(model, torch.zeros(1, 3, size, size), path, card)
     x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
