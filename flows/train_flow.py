@@ -267,6 +267,8 @@ def _tags(extra: dict[str, str] | None = None) -> dict[str, str]:
         "prefect.flow_run_id": str(runtime.flow_run.id),
         "prefect.flow_run_name": str(runtime.flow_run.name),
         "prefect.deployment": str(runtime.deployment.name or ""),
+        # The worker that started this flow run (a process worker sets it), to see where a run trained.
+        **({"prefect.worker": os.environ["PREFECT__WORKER_NAME"]} if os.environ.get("PREFECT__WORKER_NAME") else {}),
         **(extra or {}),
     }
 
