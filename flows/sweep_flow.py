@@ -136,6 +136,7 @@ class _Trials:
         self.cfg, self.storage, self.study_name = cfg, storage, study_name
         self.parent_run_id = parent_run_id
         self.deployment = _trial_deployment(pool) if pool else None
+        self.sweep_flow_run_id = str(runtime.flow_run.id)
 
     def trial_dir(self, number: int) -> Path:
         return Path(self.cfg.artifacts_dir) / "trials" / f"trial-{number:03d}"
@@ -149,13 +150,14 @@ class _Trials:
         tags = sweep_tracking.child_tags(self.parent_run_id, self.study_name, number)
         for attempt in range(2):
             resume = (trial_dir / "checkpoints" / LAST).is_file()  # cut short before: continue it
-            state = self._run(number, cfg, ref, tags, resume)
+            state = self._run(number, cfg, ref, tags, resume, attempt)
             if not state.is_crashed():
                 break
             print(f"[sweep] trial {number} crashed ({state.message}); running it again from its checkpoint")
         return state.is_completed()
 
-    def _run(self, number: int, cfg: TrainConfig, ref: SweepTrial, tags: dict[str, str], resume: bool):
+    def _run(self, number: int, cfg: TrainConfig, ref: SweepTrial, tags: dict[str, str], resume: bool,
+             attempt: int):
         name = f"trial-{number:03d}"
         if self.deployment is None:
             return train_flow.with_options(flow_run_name=name)(
@@ -163,7 +165,11 @@ class _Trials:
                 sweep_trial=ref, run_tags=tags, return_state=True)
         from prefect.deployments import run_deployment
 
-        run = run_deployment(self.deployment, flow_run_name=name, timeout=None, parameters={
+        # The idempotency key: a request the Prefect client retries (its answer lost to a timeout under
+        # load) must not create a second flow run of the trial, which a free worker would then train again.
+        run = run_deployment(self.deployment, flow_run_name=name, timeout=None,
+                             idempotency_key=f"sweep-{self.sweep_flow_run_id}-trial-{number}-attempt-{attempt}",
+                             parameters={
             "params_file": None, "overrides": cfg.to_dict(), "resume": resume,
             "sweep_trial": ref.model_dump(), "run_tags": tags})
         return run.state
