@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/bench_sweep.py workers --out /tmp/bench-workers [--trials 4]
 
 Held-out data: scikit-learn's bundled digits (1797 8x8 images, 10 classes; not the demo data),
-split per class (seed 0) into 30 train, 20 val and the rest (~1300) test, written as PNG ImageFolders.
-Every run: efficientnet_lite0 with its bundled ImageNet weights (no download), 32 px, 3 epochs.
+split per class (seed 0) into 20 train, 10 val and the rest (~1500) test, written as PNG ImageFolders.
+Every run: efficientnet_lite0 with its bundled ImageNet weights (no download), 32 px, 2 epochs.
 
 `accuracy`: a `--trials` sweep (`python flows/sweep_flow.py`, built-in space) picks params on val;
 then the best params and the defaults are each trained with seeds 42, 43, 44 and their best
@@ -30,16 +30,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 PY = sys.executable
 
-FIXED = {"model_name": "efficientnet_lite0", "pretrained": True, "img_size": 32, "epochs": 3, "num_workers": 0,
+FIXED = {"model_name": "efficientnet_lite0", "pretrained": True, "img_size": 32, "epochs": 2, "num_workers": 0,
          "export": False, "classes": None}
 
 
-TRAIN_PER_CLASS, VAL_PER_CLASS = 30, 20  # small train/val: 16 trials fit a 2-core machine; the rest is test
+TRAIN_PER_CLASS, VAL_PER_CLASS = 20, 10  # small train/val: the trials fit a loaded 2-core machine; the rest is test
 
 
 def write_digits(root: Path) -> Path:
-    """digits as train/val/test ImageFolders: 30 train and 20 val images per class (seed 0), the other
-    ~1300 images the test set."""
+    """digits as train/val/test ImageFolders: 20 train and 10 val images per class (seed 0), the other
+    ~1500 images the test set."""
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
