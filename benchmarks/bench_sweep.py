@@ -7,7 +7,7 @@ Held-out data: scikit-learn's bundled digits (1797 8x8 images, 10 classes; not t
 split per class (seed 0) into 20 train, 10 val and the rest (~1500) test, written as PNG ImageFolders.
 Every run: efficientnet_lite0 with its bundled ImageNet weights (no download), 32 px, 2 epochs.
 
-`accuracy`: a `--trials` sweep (`python flows/sweep_flow.py`, built-in space) picks params on val;
+`accuracy` (`--which default|best|both`, to run the parts in separate processes): a `--trials` sweep (`python flows/sweep_flow.py`, built-in space) picks params on val;
 then the best params and the defaults are each trained with seeds 42, 43, 44 and their best
 checkpoints evaluated on test. Prints the sweep's wall time, each test accuracy and the means.
 
@@ -84,19 +84,29 @@ def _test_accuracy(artifacts: Path, test_dir: Path) -> float:
     return report.metrics.accuracy
 
 
-def accuracy(out: Path, trials: int) -> dict:
+def accuracy(out: Path, trials: int, which: str) -> dict:
+    """`which`: both (the sweep, then both trainings), default (the defaults only), or best (the best
+    params of the sweep already in `out`, which is run first when it is not there)."""
+    import yaml
+
     data = write_digits(out / "digits")
     base = {**FIXED, "data_dir": str(data), "mlflow_tracking_uri": f"sqlite:///{out / 'mlflow.db'}",
             "mlflow_experiment": "bench-sweep"}
-    sweep_params = _params(out / "sweep-params.yaml", {**base, "artifacts_dir": str(out / "sweep")})
-    sweep_s = _run([PY, "flows/sweep_flow.py", "--trials", str(trials), "--params", str(sweep_params)],
-                   out / "sweep.log")
-    import yaml
-
-    best = yaml.safe_load((out / "sweep" / "best" / "params.yaml").read_text())
-    results = {"sweep_wall_s": round(sweep_s, 1), "trials": trials, "best_params": {
-        k: best[k] for k in ("lr", "freeze_ratio", "weight_decay", "batch_size", "lr_factor", "lr_patience")}}
-    for name, values in (("default", base), ("best", {**best, "data_dir": str(data)})):
+    results = {"trials": trials}
+    runs = [("default", base)] if which in ("both", "default") else []
+    if which != "default":
+        best_file = out / "sweep" / "best" / "params.yaml"
+        if not best_file.is_file():
+            sweep_params = _params(out / "sweep-params.yaml", {**base, "artifacts_dir": str(out / "sweep")})
+            sweep_s = _run([PY, "flows/sweep_flow.py", "--trials", str(trials), "--params", str(sweep_params)],
+                           out / "sweep.log")
+            results["sweep_wall_s"] = round(sweep_s, 1)
+            print(f"sweep of {trials} trials: {sweep_s:.1f} s", flush=True)
+        best = yaml.safe_load(best_file.read_text())
+        results["best_params"] = {k: best[k] for k in ("lr", "freeze_ratio", "weight_decay", "batch_size",
+                                                       "lr_factor", "lr_patience")}
+        runs.append(("best", {**best, "data_dir": str(data)}))
+    for name, values in runs:
         accs = []
         for seed in (42, 43, 44):
             artifacts = out / f"{name}-{seed}"
@@ -165,13 +175,15 @@ def main() -> None:
     parser.add_argument("part", choices=("accuracy", "workers"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--trials", type=int)
+    parser.add_argument("--which", choices=("both", "default", "best"), default="both",
+                        help="accuracy: train the defaults, the sweep's best params, or both")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
     os.environ.setdefault("HARV_TRAIN_CACHE_DIR", str(args.out.resolve() / "cache"))  # not ~/.cache
     uptime = os.getloadavg()
     if args.part == "accuracy":
-        results = accuracy(args.out.resolve(), args.trials or 16)
+        results = accuracy(args.out.resolve(), args.trials or 16, args.which)
     else:
         results = workers(args.out.resolve(), args.trials or 4)
     results["loadavg_at_start"] = [round(x, 2) for x in uptime]
