@@ -88,6 +88,7 @@ if __name__ == "__main__":  # first: bad arguments answer at once; the server bo
 
     _command = FastCommand(lambda: check_args(parse_args()))
 
+from optuna.trial import TrialState
 from prefect import flow, runtime
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, Failed
@@ -250,7 +251,7 @@ def _sweep(cfg: TrainConfig, space: SearchSpace, n_trials: int, resume: bool, po
 def _finish(study, number: int, succeeded: bool) -> None:
     state = studies.finish_trial(study, number, succeeded)
     trial = study.trials[number]
-    value = f", best val_acc {trial.value:.4f}" if trial.value is not None else ""
+    value = f", val_acc {trial.value:.4f}" if trial.value is not None else ""  # pruned: its last epoch's
     print(f"[sweep] trial {number}: {state.name}{value}")
 
 
@@ -262,7 +263,7 @@ def _conclude(cfg: TrainConfig, study, tracker: MlflowTracker, sweep_dir: Path):
     markdown = studies.table_markdown(rows)
     plots = studies.write_plots(study, sweep_dir / "plots")
     counts = {state: sum(r.state == state for r in rows) for state in ("COMPLETE", "PRUNED", "FAIL")}
-    complete = [t for t in study.trials if t.value is not None]
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))  # a pruned trial has a value too
     if not complete:
         tracker.end("FAILED")
         return Failed(message=f"no trial completed ({counts}): see the trials' flow runs")
