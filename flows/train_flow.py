@@ -163,6 +163,11 @@ def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary
     history = list(summary.history)
     if history:
         tracker.log_epochs(history)  # epochs a killed run finished but never logged
+    if history and sweep_trial is not None:  # ... nor reported to its sweep (killed in between)
+        from harv_train.sweep.study import report_epoch
+
+        for done in history:
+            report_epoch(sweep_trial, done.epoch, done.val_acc, may_prune=False)
     epoch_task = train_epoch_task.with_options(retries=cfg.epoch_retries, retry_delay_seconds=1)
     stopped = summary.stopped_early
     pruned_at = None
@@ -175,7 +180,7 @@ def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary
         history.append(metrics)
         tracker.log_epochs(history)
         stopped = metrics.stop
-        if sweep_trial is not None and _report_to_sweep(sweep_trial, metrics, last=metrics.epoch >= cfg.epochs):
+        if sweep_trial is not None and _report_to_sweep(sweep_trial, metrics, may_prune=metrics.epoch < cfg.epochs):
             stopped = pruned_at = metrics.epoch
         _progress(progress, 100.0 if stopped else 100 * metrics.epoch / cfg.epochs,
                   f"Epoch {metrics.epoch} of {cfg.epochs}: val accuracy {metrics.val_acc:.4f}"
@@ -197,12 +202,12 @@ def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary
     return summary, pruned_at
 
 
-def _report_to_sweep(trial: SweepTrial, metrics, last: bool) -> bool:
+def _report_to_sweep(trial: SweepTrial, metrics, may_prune: bool) -> bool:
     """Report the epoch's val_acc to the sweep's Optuna trial; True when its pruner stops the run
-    (never after the `last` epoch: the run is complete)."""
+    (never after the last epoch: the run is complete)."""
     from harv_train.sweep.study import report_epoch  # Optuna only for a sweep's trials
 
-    if report_epoch(trial, metrics.epoch, metrics.val_acc, last):
+    if report_epoch(trial, metrics.epoch, metrics.val_acc, may_prune):
         logger.info(f"Pruned by the sweep after epoch {metrics.epoch} (val accuracy {metrics.val_acc:.4f} "
                     f"below the median of earlier trials; trial {trial.trial_number})")
         return True

@@ -59,17 +59,18 @@ def open_study(storage: str, name: str, seed: int, resume: bool) -> optuna.Study
     return study
 
 
-def report_epoch(ref: SweepTrial, epoch: int, val_acc: float, last: bool = False) -> bool:
-    """Report one epoch's val_acc to the trial; True when the pruner says stop. Called by the
-    training flow after each epoch, in whatever process trains the trial. The `last` epoch is only
-    reported: stopping after it saves nothing, and the trial has run to the end (COMPLETE)."""
+def report_epoch(ref: SweepTrial, epoch: int, val_acc: float, may_prune: bool = True) -> bool:
+    """Report one epoch's val_acc to the trial (once per epoch); True when the pruner says stop.
+    Called by the training flow after each epoch, in whatever process trains the trial. With
+    `may_prune` False it only reports: the last epoch (stopping after it saves nothing; the trial
+    is COMPLETE), and epochs a killed run finished but never reported (its resume catches up)."""
     study = optuna.load_study(study_name=ref.study_name, storage=_storage(ref.storage),
                               pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS,
                                                                  n_warmup_steps=0))
     trial = optuna.trial.Trial(study, _trial_id(study, ref.trial_number))
     if epoch not in trial.storage.get_trial(trial._trial_id).intermediate_values:  # a resumed epoch: once
         trial.report(float(val_acc), epoch)
-    if not last and trial.should_prune():
+    if may_prune and trial.should_prune():
         trial.set_user_attr(PRUNED_EPOCH_ATTR, epoch)
         return True
     return False
