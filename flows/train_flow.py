@@ -70,6 +70,7 @@ from harv_train.core.runtime import configure_threads
 from harv_train.core.session import DataSummary, TrainingSession
 from harv_train.errors import UserError
 from harv_train.reporting.summary import epochs_markdown
+from harv_train.sweep.trial import SweepTrial
 from harv_train.tracking.mlflow_tracker import MlflowTracker
 from tasks.evaluation import calibrate_task, evaluate_and_export_task
 from tasks.logs import library_logs_in_run
@@ -85,11 +86,14 @@ logger = logging.getLogger("harv_train.flows.train")
 
 
 @flow(name="train", log_prints=True)
-def train_flow(params_file: str | None = "params.yaml", overrides: ParamOverrides | None = None, resume: bool = False):
+def train_flow(params_file: str | None = "params.yaml", overrides: ParamOverrides | None = None, resume: bool = False,
+               sweep_trial: SweepTrial | None = None, run_tags: dict[str, str] | None = None):
     """Fine-tune an ImageNet model on an ImageFolder dataset.
 
     `params_file` is the base (none: the documented defaults); each field set in `overrides` replaces
-    its value. A field left empty keeps the file's value."""
+    its value. A field left empty keeps the file's value. A sweep (flows/sweep_flow.py) sets
+    `sweep_trial`, the Optuna trial each epoch's val_acc is reported to (its pruner may end the run
+    early, state Pruned), and `run_tags`, added to the MLflow run (its parent run)."""
     with library_logs_in_run("[train]"):
         try:
             cfg = load_config(params_file, overrides)
@@ -99,21 +103,22 @@ def train_flow(params_file: str | None = "params.yaml", overrides: ParamOverride
                 # Before anything is written or opened (checkpoints moved aside, an MLflow run): a
                 # deployment's bad input ends like the command line's.
                 check_inputs(cfg, resume, list(data.classes))
-                return _train(cfg, session, data, resume)
+                return _train(cfg, session, data, resume, sweep_trial, run_tags or {})
         except UserError as exc:
             # Bad input ends the run with its one-line message, not a traceback.
             get_run_logger().error(f"[train] error: {exc}")
             return Failed(message=str(exc))
 
 
-def _train(cfg: TrainConfig, session: TrainingSession, data: DataSummary, resume: bool):
+def _train(cfg: TrainConfig, session: TrainingSession, data: DataSummary, resume: bool,
+           sweep_trial: SweepTrial | None, run_tags: dict[str, str]):
     started = time.perf_counter()
     logger.info(f"Device: {session.device}, {configure_threads(cfg.threads)} threads")
     tracker = MlflowTracker(cfg.mlflow_tracking_uri, cfg.mlflow_experiment)
     previous_run = ckpt.load_checkpoint(session.last_path).get("mlflow_run_id") if resume else None
-    tracker.start(previous_run, runtime.flow_run.name, _tags())
+    tracker.start(previous_run, runtime.flow_run.name, _tags(run_tags))
     try:
-        summary = _train_tracked(cfg, session, data, resume, tracker, previous_run)
+        summary, pruned_at = _train_tracked(cfg, session, data, resume, tracker, previous_run, sweep_trial, run_tags)
     except BaseException as exc:
         # The MLflow run shows how the flow run ended (--resume reopens it): stopped from outside (Ctrl-C,
         # SIGTERM from a scheduler, which Prefect raises as TerminationSignal) or failed. A SIGKILL
@@ -133,15 +138,22 @@ def _train(cfg: TrainConfig, session: TrainingSession, data: DataSummary, resume
     if tracker.failures:
         logger.warning(f"WARNING: MLflow failed {len(tracker.failures)} time(s) during the run; "
                        "everything missed was logged at the end")
+    if pruned_at is not None:  # the sweep's pruner ended it: a clean end, under its own name
+        tracker.set_tags({"sweep.pruned": "true", "sweep.pruned_at_epoch": str(pruned_at)})
+        tracker.end("FINISHED")
+        return Completed(name="Pruned", data=summary, message=(
+            f"pruned by the sweep after epoch {pruned_at}; best val accuracy {summary.best_val_acc:.4f}"))
     tracker.end("FINISHED")
     return Completed(message=f"best val accuracy {summary.best_val_acc:.4f}", data=summary)
 
 
 def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary, resume: bool,
-                   tracker: MlflowTracker, previous_run: str | None) -> RunSummary:
+                   tracker: MlflowTracker, previous_run: str | None, sweep_trial: SweepTrial | None,
+                   run_tags: dict[str, str]) -> tuple[RunSummary, int | None]:
+    """The run's summary, and the epoch after which the sweep's pruner stopped it (None: not pruned)."""
     if tracker.run_id:
         if previous_run:
-            tracker.set_tags(_tags())  # the run now continues under this flow run
+            tracker.set_tags(_tags(run_tags))  # the run now continues under this flow run
         tracker.log_params(cfg.flat_dict())
         tracker.log_metrics(_dataset_size(data), "logging dataset size")
         logger.info(f"MLflow run {tracker.run_id} in {cfg.mlflow_tracking_uri} (experiment {cfg.mlflow_experiment})")
@@ -150,8 +162,14 @@ def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary
     history = list(summary.history)
     if history:
         tracker.log_epochs(history)  # epochs a killed run finished but never logged
+    if history and sweep_trial is not None:  # ... nor reported to its sweep (killed in between)
+        from harv_train.sweep.study import report_epoch
+
+        for done in history:
+            report_epoch(sweep_trial, done.epoch, done.val_acc, may_prune=False)
     epoch_task = train_epoch_task.with_options(retries=cfg.epoch_retries, retry_delay_seconds=1)
     stopped = summary.stopped_early
+    pruned_at = None
     progress = _progress(None, 100.0 if stopped else 100 * summary.epoch / cfg.epochs,
                          f"{summary.epoch} of {cfg.epochs} epochs done")
     for epoch in range(summary.epoch, cfg.epochs):
@@ -161,6 +179,8 @@ def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary
         history.append(metrics)
         tracker.log_epochs(history)
         stopped = metrics.stop
+        if sweep_trial is not None and _report_to_sweep(sweep_trial, metrics, may_prune=metrics.epoch < cfg.epochs):
+            stopped = pruned_at = metrics.epoch
         _progress(progress, 100.0 if stopped else 100 * metrics.epoch / cfg.epochs,
                   f"Epoch {metrics.epoch} of {cfg.epochs}: val accuracy {metrics.val_acc:.4f}"
                   + (", stopped early" if stopped else ""))
@@ -169,7 +189,7 @@ def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary
     params_copy = cfg.checkpoints_dir / "params.yaml"
     write_params_file(cfg, params_copy)
     calibration = calibrate_task(session) if cfg.calibrate else None  # before the model is logged: it carries T
-    _log_run(cfg, tracker, summary, params_copy, data)
+    _log_run(cfg, tracker, summary, params_copy, data, run_tags)
     if calibration:
         logger.info(f"Calibration on {calibration.images} val images: temperature {calibration.temperature:.3f}, "
                     f"ECE {calibration.ece_before:.4f} -> {calibration.ece_after:.4f}, "
@@ -186,7 +206,7 @@ def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary
     logger.info(f"Best model: val accuracy {summary.best_val_acc:.4f} at epoch {summary.best_epoch} -> "
                 f"{cfg.checkpoints_dir / ckpt.BEST}")
     logger.info(f"Final model: {cfg.checkpoints_dir / ckpt.FINAL}")
-    return summary
+    return summary, pruned_at
 
 
 def _dataset_size(data: DataSummary) -> dict[str, float]:
@@ -194,13 +214,25 @@ def _dataset_size(data: DataSummary) -> dict[str, float]:
             "skipped_images": len(data.skipped_images)}
 
 
+def _report_to_sweep(trial: SweepTrial, metrics, may_prune: bool) -> bool:
+    """Report the epoch's val_acc to the sweep's Optuna trial; True when its pruner stops the run
+    (never after the last epoch: the run is complete)."""
+    from harv_train.sweep.study import report_epoch  # Optuna only for a sweep's trials
+
+    if report_epoch(trial, metrics.epoch, metrics.val_acc, may_prune):
+        logger.info(f"Pruned by the sweep after epoch {metrics.epoch} (val accuracy {metrics.val_acc:.4f} "
+                    f"below the median of earlier trials; trial {trial.trial_number})")
+        return True
+    return False
+
+
 def _log_run(cfg: TrainConfig, tracker: MlflowTracker, summary: RunSummary, params_copy: Path,
-             data: DataSummary) -> None:
+             data: DataSummary, run_tags: dict[str, str]) -> None:
     """Everything the MLflow run holds beyond per-epoch metrics; catches up after an outage."""
     if tracker.down:
         tracker.reconnect()
     if tracker.run_id is None and not tracker.down:
-        if tracker.start(None, runtime.flow_run.name, _tags()):
+        if tracker.start(None, runtime.flow_run.name, _tags(run_tags)):
             ckpt.record_mlflow_run_id(cfg.checkpoints_dir, tracker.run_id)  # what --resume continues
     tracker.log_params(cfg.flat_dict())
     tracker.log_metrics(_dataset_size(data), "logging dataset size")  # a run opened late has none yet
@@ -249,11 +281,14 @@ def _publish_summary(cfg: TrainConfig, tracker: MlflowTracker, summary: RunSumma
                              description=f"MLflow run {tracker.run_id} ({cfg.mlflow_tracking_uri})")
 
 
-def _tags() -> dict[str, str]:
+def _tags(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {
         "prefect.flow_run_id": str(runtime.flow_run.id),
         "prefect.flow_run_name": str(runtime.flow_run.name),
         "prefect.deployment": str(runtime.deployment.name or ""),
+        # The worker that started this flow run (a process worker sets it), to see where a run trained.
+        **({"prefect.worker": os.environ["PREFECT__WORKER_NAME"]} if os.environ.get("PREFECT__WORKER_NAME") else {}),
+        **(extra or {}),
     }
 
 

@@ -1,0 +1,323 @@
+"""The sweep flow: `python flows/sweep_flow.py --trials N [--params FILE] [--set KEY=VALUE ...]
+[--space FILE] [--resume] [--workers pool:NAME --parallel K]`.
+
+An Optuna study (TPE, seeded with the params' seed; median pruner) over a search space
+(harv_train/sweep/space.py). Each trial is a run of the training flow with the trial's params and
+its own artifacts_dir (ARTIFACTS_DIR/trials/trial-NNN): a subflow of this flow run, or with
+`--workers pool:NAME` a run of the deployment `train/sweep-trial-NAME` on that work pool, so that
+as many workers as run train trials at once. Each training run reports val_acc per epoch to the
+study (the pruner may stop it: state Pruned) and is a child of the sweep's one MLflow parent run,
+which gets the space, the best params as params.yaml, plots and the trials table. The winner is
+registered under registered_model_name with the champion rule. The study lives in an RDB
+(ARTIFACTS_DIR/optuna.db unless --storage): --resume continues a killed sweep. docs/sweeps.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextvars
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+if __package__ in (None, ""):  # run as a script: make the project packages importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+REPO = Path(__file__).resolve().parent.parent
+TRIAL_DEPLOYMENT = "sweep-trial"  # + "-POOL": the training flow's deployment the trials run as
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python flows/sweep_flow.py",
+        description="Hyper-parameter sweep: Optuna trials as training flow runs, one MLflow parent run.",
+    )
+    parser.add_argument("--trials", type=int, required=True, help="trials to finish (pruned ones count)")
+    parser.add_argument("--params", default="params.yaml", help="params YAML file (default: params.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="fix one param for every trial; VALUE is YAML (repeatable)")
+    parser.add_argument("--space", default=None, help="search space YAML (default: the built-in space, docs/sweeps.md)")
+    parser.add_argument("--resume", action="store_true", help="continue the sweep in artifacts_dir")
+    parser.add_argument("--workers", default=None, metavar="pool:NAME",
+                        help="run each trial as a deployment run on work pool NAME (default: in this process)")
+    parser.add_argument("--parallel", type=int, default=1, help="trials at once (with --workers: the workers)")
+    parser.add_argument("--storage", default=None,
+                        help="Optuna RDB URL (default: sqlite:///ARTIFACTS_DIR/optuna.db; postgresql://... for a team)")
+    return parser.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace):
+    """Everything that can be checked before a flow run: params, space, counts, --workers."""
+    from harv_train.config import load_config, parse_override
+    from harv_train.sweep.space import load_space
+
+    cfg = load_config(args.params, dict(map(parse_override, args.overrides)))
+    load_space(args.space, cfg)
+    check_counts(args.trials, args.parallel)
+    pool_name(args.workers)
+    return cfg
+
+
+def check_counts(trials: int, parallel: int) -> None:
+    from harv_train.errors import ConfigError
+
+    if trials < 1:
+        raise ConfigError(f"--trials must be 1 or more, got {trials}")
+    if parallel < 1:
+        raise ConfigError(f"--parallel must be 1 or more, got {parallel}")
+
+
+def pool_name(workers: str | None) -> str | None:
+    """`pool:NAME` -> NAME; None runs the trials in this process."""
+    from harv_train.errors import ConfigError
+
+    if workers is None:
+        return None
+    kind, _, name = workers.partition(":")
+    if kind != "pool" or not name.strip():
+        raise ConfigError(f"--workers must be pool:NAME (a Prefect work pool), got {workers!r}")
+    return name.strip()
+
+
+if __name__ == "__main__":  # first: bad arguments answer at once; the server boots during the imports
+    from harv_train.cli.startup import FastCommand
+
+    _command = FastCommand(lambda: check_args(parse_args()))
+
+from optuna.trial import TrialState
+from prefect import flow, runtime
+from prefect.artifacts import create_markdown_artifact
+from prefect.states import Completed, Failed
+
+from flows.train_flow import train_flow
+from harv_train.cli.commands import run_flow_command
+from harv_train.cli.startup import EarlyServer, flow_server
+from harv_train.config import ParamOverrides, TrainConfig, load_config, write_params_file
+from harv_train.core.checkpoints import LAST
+from harv_train.core.locking import artifacts_lock
+from harv_train.errors import ConfigError, UserError
+from harv_train.sweep import study as studies
+from harv_train.sweep import tracking as sweep_tracking
+from harv_train.sweep.space import SearchSpace, load_space, trial_config
+from harv_train.sweep.trial import SweepTrial
+from harv_train.tracking.mlflow_tracker import MlflowTracker
+
+SPACE_ATTR = "space"  # the study's space, so --resume refuses another one
+
+
+@flow(name="sweep", log_prints=True)
+def sweep_flow(params_file: str | None = "params.yaml", overrides: ParamOverrides | None = None, trials: int = 16,
+               space_file: str | None = None, resume: bool = False, workers: str | None = None,
+               parallel: int = 1, storage: str | None = None, study_name: str = "sweep"):
+    """Hyper-parameter sweep of the training flow: `trials` Optuna trials over the space in
+    `space_file` (none: the built-in space), the rest of the params from `params_file` and
+    `overrides`. `workers` pool:NAME runs each trial on that work pool, `parallel` at once."""
+    try:
+        cfg = load_config(params_file, overrides)
+        space = load_space(space_file, cfg)
+        check_counts(trials, parallel)
+        pool = pool_name(workers)
+        with artifacts_lock(cfg.artifacts_dir):
+            return _sweep(cfg, space, trials, resume, pool, parallel,
+                          storage or studies.default_storage(cfg.artifacts_dir), study_name)
+    except UserError as exc:
+        print(f"[sweep] error: {exc}")
+        return Failed(message=str(exc))
+
+
+class _Trials:
+    """Runs one trial's training: a subflow here, or a deployment run on the pool."""
+
+    def __init__(self, cfg: TrainConfig, storage: str, study_name: str, parent_run_id: str | None,
+                 pool: str | None):
+        self.cfg, self.storage, self.study_name = cfg, storage, study_name
+        self.parent_run_id = parent_run_id
+        self.deployment = _trial_deployment(pool) if pool else None
+        self.sweep_flow_run_id = str(runtime.flow_run.id)
+
+    def trial_dir(self, number: int) -> Path:
+        return Path(self.cfg.artifacts_dir) / "trials" / f"trial-{number:03d}"
+
+    def run(self, number: int, params: dict) -> bool:
+        """Train trial `number`; True when its flow run completed (or was pruned). A run that crashed
+        (its process killed) is run once more, from its checkpoint."""
+        trial_dir = self.trial_dir(number)
+        cfg = trial_config(self.cfg, params, trial_dir)
+        ref = SweepTrial(storage=self.storage, study_name=self.study_name, trial_number=number)
+        tags = sweep_tracking.child_tags(self.parent_run_id, self.study_name, number)
+        for attempt in range(2):
+            resume = (trial_dir / "checkpoints" / LAST).is_file()  # cut short before: continue it
+            state = self._run(number, cfg, ref, tags, resume, attempt)
+            if not state.is_crashed():
+                break
+            print(f"[sweep] trial {number} crashed ({state.message}); running it again from its checkpoint")
+        return state.is_completed()
+
+    def _run(self, number: int, cfg: TrainConfig, ref: SweepTrial, tags: dict[str, str], resume: bool,
+             attempt: int):
+        name = f"trial-{number:03d}"
+        if self.deployment is None:
+            return train_flow.with_options(flow_run_name=name)(
+                params_file=None, overrides=ParamOverrides.model_validate(cfg.to_dict()), resume=resume,
+                sweep_trial=ref, run_tags=tags, return_state=True)
+        from prefect.deployments import run_deployment
+
+        # The idempotency key: a request the Prefect client retries (its answer lost to a timeout under
+        # load) must not create a second flow run of the trial, which a free worker would then train again.
+        run = run_deployment(self.deployment, flow_run_name=name, timeout=None,
+                             idempotency_key=f"sweep-{self.sweep_flow_run_id}-trial-{number}-attempt-{attempt}",
+                             parameters={
+            "params_file": None, "overrides": cfg.to_dict(), "resume": resume,
+            "sweep_trial": ref.model_dump(), "run_tags": tags})
+        return run.state
+
+
+def _trial_deployment(pool: str) -> str:
+    """The training flow as deployment `train/sweep-trial-POOL` on the pool (created or updated):
+    its runs start in this repository, as prefect.yaml's deployments do."""
+    from prefect import get_client
+    from prefect.deployments.runner import RunnerDeployment
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except Exception:
+            raise ConfigError(f"--workers: no work pool {pool!r} on the Prefect server: create it with "
+                              f"`prefect work-pool create {pool} --type process` and start workers on it") from None
+    name = f"{TRIAL_DEPLOYMENT}-{pool}"
+    deployment = RunnerDeployment.from_flow(train_flow, name=name, work_pool_name=pool,
+                                            description="Trials of flows/sweep_flow.py on this work pool")
+    deployment.entrypoint = "flows/train_flow.py:train_flow"
+    deployment._path = str(REPO)
+    deployment.apply()
+    return f"train/{name}"
+
+
+def _sweep(cfg: TrainConfig, space: SearchSpace, n_trials: int, resume: bool, pool: str | None,
+           parallel: int, storage: str, study_name: str):
+    sweep_dir = Path(cfg.artifacts_dir)
+    study = studies.open_study(storage, study_name, cfg.seed, resume)
+    if resume and study.user_attrs.get(SPACE_ATTR, space.to_dict()) != space.to_dict():
+        raise ConfigError(f"--resume: the space differs from the sweep's in {storage}: resume with the same "
+                          "--space, or start a new sweep in another artifacts_dir")
+    study.set_user_attr(SPACE_ATTR, space.to_dict())
+    (sweep_dir / "space.yaml").write_text(space.to_yaml(), encoding="utf-8")
+
+    tracker = MlflowTracker(cfg.mlflow_tracking_uri, cfg.mlflow_experiment)
+    tracker.start(study.user_attrs.get(studies.PARENT_RUN_ATTR), f"sweep-{runtime.flow_run.name}",
+                  {"prefect.flow_run_id": str(runtime.flow_run.id), "sweep.study": study_name})
+    if tracker.run_id:
+        study.set_user_attr(studies.PARENT_RUN_ATTR, tracker.run_id)
+        tracker.log_params({**cfg.flat_dict(), "sweep.trials": n_trials, "sweep.storage": storage,
+                            "sweep.space": space.to_dict()})
+        tracker.log_artifact(sweep_dir / "space.yaml")
+    print(f"[sweep] study {study_name!r} in {storage}; MLflow parent run {tracker.run_id}")
+    runner = _Trials(cfg, storage, study_name, tracker.run_id, pool)
+
+    for trial in studies.unfinished(study):  # cut short by a killed sweep: the same trial again
+        print(f"[sweep] trial {trial.number} was cut short: resuming it")
+        _finish(study, trial.number, runner.run(trial.number, dict(trial.params)))
+
+    asking = threading.Lock()
+
+    def next_trial():
+        with asking:  # one ask at a time, counted against what is finished or running
+            running = len(studies.unfinished(study))
+            if studies.finished_count(study) + running >= n_trials:
+                return None
+            trial = study.ask()
+            return trial.number, space.suggest(trial)
+
+    def trial_loop():
+        while (asked := next_trial()) is not None:
+            number, params = asked
+            print(f"[sweep] trial {number}: {params}")
+            _finish(study, number, runner.run(number, params))
+
+    if parallel == 1:
+        trial_loop()
+    else:  # each thread carries this flow run's context, so its trials are this run's subflows
+        with ThreadPoolExecutor(parallel) as pool_threads:
+            futures = [pool_threads.submit(contextvars.copy_context().run, trial_loop) for _ in range(parallel)]
+            for future in futures:
+                future.result()
+    return _conclude(cfg, study, tracker, sweep_dir)
+
+
+def _finish(study, number: int, succeeded: bool) -> None:
+    state = studies.finish_trial(study, number, succeeded)
+    trial = study.trials[number]
+    value = f", val_acc {trial.value:.4f}" if trial.value is not None else ""  # pruned: its last epoch's
+    print(f"[sweep] trial {number}: {state.name}{value}")
+
+
+def _conclude(cfg: TrainConfig, study, tracker: MlflowTracker, sweep_dir: Path):
+    """The sweep's results: trials table, plots and best params.yaml on disk and on the MLflow parent
+    run, the winner registered, a Prefect table."""
+    rows = studies.trials_table(study)
+    (sweep_dir / "trials.csv").write_text(studies.table_csv(rows), encoding="utf-8")
+    markdown = studies.table_markdown(rows)
+    plots = studies.write_plots(study, sweep_dir / "plots")
+    counts = {state: sum(r.state == state for r in rows) for state in ("COMPLETE", "PRUNED", "FAIL")}
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))  # a pruned trial has a value too
+    if not complete:
+        tracker.end("FAILED")
+        return Failed(message=f"no trial completed ({counts}): see the trials' flow runs")
+    best = study.best_trial
+    best_params = sweep_dir / "best" / "params.yaml"
+    best_params.parent.mkdir(exist_ok=True)
+    best_cfg = trial_config(cfg, best.params, sweep_dir / "best")
+    best_cfg = best_cfg.model_copy(update={"registered_model_name": cfg.registered_model_name})
+    write_params_file(best_cfg, best_params)
+    print(f"[sweep] best trial {best.number}: val_acc {best.value:.4f} with {best.params} -> {best_params}")
+
+    tracker.log_metrics({"best_val_acc": best.value, "best_trial": best.number,
+                         **{f"trials_{k.lower()}": v for k, v in counts.items()}})
+    tracker.set_tags({f"best.{k}": v for k, v in best.params.items()})
+    tracker.log_artifact(best_params, "best")
+    tracker.log_artifact(sweep_dir / "trials.csv")
+    for path in plots.values():
+        tracker.log_artifact(path, "plots")
+    if tracker.run_id and not tracker.down and cfg.registered_model_name:
+        _register(cfg, tracker, best.number, best.value)
+    create_markdown_artifact(key="sweep-trials", markdown=f"# Sweep trials\n\n{markdown}\n\n"
+                             f"Best: trial {best.number}, val_acc {best.value:.4f}\n",
+                             description="The sweep's trials, their state and params")
+    tracker.end("FINISHED")
+    return Completed(message=f"best trial {best.number}: val_acc {best.value:.4f}; {counts}")
+
+
+def _register(cfg: TrainConfig, tracker: MlflowTracker, number: int, val_acc: float) -> None:
+    client = tracker.client()
+    child = sweep_tracking.trial_run(client, tracker.experiment_id, tracker.run_id, number)
+    uri = child and sweep_tracking.logged_model_uri(client, tracker.experiment_id, child.info.run_id)
+    if not uri:
+        print(f"[sweep] WARNING: trial {number} logged no model in MLflow: nothing registered")
+        return
+    registration = tracker._attempt(f"registering the model as {cfg.registered_model_name}", lambda: (
+        sweep_tracking.register_winner(client, cfg.mlflow_tracking_uri, cfg.registered_model_name, uri,
+                                       child.info.run_id, val_acc)))
+    if registration:
+        print(f"[sweep] {registration.summary()}")
+
+
+def main(argv: list[str] | None = None, early_server: EarlyServer | None = None) -> int:
+    args = parse_args(argv)
+
+    def start():
+        cfg = check_args(args)
+        with flow_server(early_server, "[sweep]"):
+            return sweep_flow(params_file=None, overrides=ParamOverrides.model_validate(cfg.to_dict()),
+                              trials=args.trials, space_file=args.space, resume=args.resume,
+                              workers=args.workers, parallel=args.parallel, storage=args.storage,
+                              return_state=True)
+
+    return run_flow_command(start)[0]
+
+
+if __name__ == "__main__":
+    _command.run(lambda early_server: main(early_server=early_server))
