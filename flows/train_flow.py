@@ -143,8 +143,11 @@ def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary
         if previous_run:
             tracker.set_tags(_tags())  # the run now continues under this flow run
         tracker.log_params(cfg.flat_dict())
-        tracker.log_metrics({"train_images": data.train_images, "val_images": data.val_images,
-                             "skipped_images": len(data.skipped_images)}, "logging dataset size")
+        sizes = {"train_images": data.train_images, "val_images": data.val_images,
+                 "skipped_images": len(data.skipped_images)}
+        if data.test_images:
+            sizes["test_images"] = data.test_images
+        tracker.log_metrics(sizes, "logging dataset size")
         logger.info(f"MLflow run {tracker.run_id} in {cfg.mlflow_tracking_uri} (experiment {cfg.mlflow_experiment})")
 
     summary = resume_run_task(session) if resume else start_run_task(session, tracker.run_id)
@@ -169,11 +172,15 @@ def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary
     summary = final_checkpoint_task(session)
     params_copy = cfg.checkpoints_dir / "params.yaml"
     write_params_file(cfg, params_copy)
-    _log_run(cfg, tracker, summary, params_copy)
+    _log_run(cfg, session, tracker, summary, params_copy)
     # Report, plots and export of best_model.pth, logged to the same MLflow run when it is reachable.
     post = evaluate_and_export_task(session)
     if not tracker.down:
         tracker.log_evaluation(post.evaluation)
+        if post.test:  # reported only: best epoch and champion were decided on val before this
+            tracker.log_evaluation(post.test, prefix="test", folder="test")
+            logger.info(f"Test split: accuracy {post.test.metrics.accuracy:.4f}, macro F1 "
+                        f"{post.test.metrics.macro['f1']:.4f} on {post.test.metrics.total} images")
         if post.export:
             tracker.log_export(post.export)
     logger.info(f"Best model: val accuracy {summary.best_val_acc:.4f} at epoch {summary.best_epoch} -> "
@@ -182,7 +189,8 @@ def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary
     return summary
 
 
-def _log_run(cfg: TrainConfig, tracker: MlflowTracker, summary: RunSummary, params_copy: Path) -> None:
+def _log_run(cfg: TrainConfig, session: TrainingSession, tracker: MlflowTracker, summary: RunSummary,
+             params_copy: Path) -> None:
     """Everything the MLflow run holds beyond per-epoch metrics; catches up after an outage."""
     if tracker.down:
         tracker.reconnect()
@@ -196,6 +204,8 @@ def _log_run(cfg: TrainConfig, tracker: MlflowTracker, summary: RunSummary, para
     best = cfg.checkpoints_dir / ckpt.BEST
     for path in (best, cfg.checkpoints_dir / ckpt.FINAL, params_copy):
         tracker.log_artifact(path, "checkpoints" if path.suffix == ".pth" else None)
+    for path in session.write_split_lists(cfg.splits_dir):  # which image trained, chose or tested
+        tracker.log_artifact(path, "splits")
     if not tracker.run_id or tracker.down:
         return
     state = ckpt.load_checkpoint(best)

@@ -214,6 +214,21 @@ class TrainConfig(BaseModel):
         description="Register the best model under this name (alias champion moves to it only when its val "
         "accuracy is higher); null does not register.",
     )
+    # Splits made for you (docs/data.md, Splits made for you).
+    val_fraction: Annotated[float | None, MustBe("null or a number between 0 and 1 (exclusive)")] = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Split data_dir's class folders for you: this fraction of each class goes to val (stratified, "
+        "by a stable hash of each file's path and seed); null: data_dir holds train/ and val/.",
+    )
+    test_fraction: Annotated[float | None, MustBe("null or a number between 0 and 1 (exclusive)")] = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="With val_fraction: this fraction of each class goes to a test split, evaluated after "
+        "training and never used to choose a model; null: no test split made.",
+    )
     # Beyond one process.
     distributed: DistributedConfig = Field(
         default_factory=DistributedConfig,
@@ -228,6 +243,17 @@ class TrainConfig(BaseModel):
                 f"batch_size {self.batch_size} must be divisible by the {world} processes of distributed "
                 "(nproc_per_node x nnodes): it is the global batch, split evenly across them"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _fractions_fit(self) -> TrainConfig:
+        if self.test_fraction is not None and self.val_fraction is None:
+            raise ValueError("test_fraction needs val_fraction: set val_fraction too (data_dir then holds class "
+                             "folders), or put a test/ folder beside train/ and val/")
+        total = (self.val_fraction or 0) + (self.test_fraction or 0)
+        if total >= 1:
+            raise ValueError(f"val_fraction + test_fraction must be below 1 (got {total:g}): leave some images "
+                             "to train on")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -246,6 +272,16 @@ class TrainConfig(BaseModel):
     def eval_dir(self) -> Path:
         """The evaluation report of best_model.pth (harv_train/reporting/post_training.py)."""
         return Path(self.artifacts_dir) / "eval"
+
+    @property
+    def test_eval_dir(self) -> Path:
+        """The report of best_model.pth on the test split, when there is one (never used to choose)."""
+        return Path(self.artifacts_dir) / "test"
+
+    @property
+    def splits_dir(self) -> Path:
+        """The file list of each split as trained (`<split>.csv`), logged to MLflow under splits/."""
+        return Path(self.artifacts_dir) / "splits"
 
     @property
     def export_dir(self) -> Path:

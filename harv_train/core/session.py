@@ -33,6 +33,7 @@ from harv_train.core.freezing import forward_from, fused_frozen_prefix
 from harv_train.core.models import model_spec
 from harv_train.core.run_state import EpochMetrics, RunState, RunSummary, summary_of
 from harv_train.core.runtime import available_cores, configure_threads, epoch_seed, resolve_device
+from harv_train.core.splits import write_split_lists
 from harv_train.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class DataSummary:
     val_counts: dict[str, int]
     skipped_images: tuple[str, ...]
     cached: bool
+    test_images: int = 0  # 0: no test split
+    test_counts: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 class TrainingSession:
@@ -75,14 +78,15 @@ class TrainingSession:
         return self.cfg.checkpoints_dir / ckpt.LAST
 
     def splits(self) -> dict[str, DecodedSplit]:
-        """The train and val images, decoded on first use (which also proves each one readable)."""
+        """The train and val images (and test's, when there is a test split), decoded on first use (which also proves each one readable)."""
         if self._splits is None:
             cfg = self.cfg
             self._splits = load_dataset(cfg.data_dir, cfg.classes, cfg.img_size, model_spec(cfg.model_name).interpolation,
-                                        cfg.cache_max_mb, cfg.skip_bad_images, cfg.cache_dir, cfg.num_workers)
-            train, val = self._splits["train"], self._splits["val"]
-            logger.info(f"Decoded images: {len(train)} train ({train.decoded} decoded now), {len(val)} val "
-                        f"({val.decoded} decoded now), cached in {resolve_cache_dir(cfg.cache_dir)}; the train split "
+                                        cfg.cache_max_mb, cfg.skip_bad_images, cfg.cache_dir, cfg.num_workers,
+                                        cfg.val_fraction, cfg.test_fraction, cfg.seed)
+            train = self._splits["train"]
+            sizes = ", ".join(f"{len(s)} {name} ({s.decoded} decoded now)" for name, s in self._splits.items())
+            logger.info(f"Decoded images: {sizes}, cached in {resolve_cache_dir(cfg.cache_dir)}; the train split "
                         + ("is held in memory" if train.cached else "is read from there batch by batch (cache_max_mb)"))
         return self._splits
 
@@ -98,16 +102,25 @@ class TrainingSession:
         return self._device_train
 
     def describe_data(self) -> DataSummary:
-        train, val = self.splits()["train"], self.splits()["val"]
+        train, val, test = self.splits()["train"], self.splits()["val"], self.splits().get("test")
         return DataSummary(
             classes=tuple(train.classes),
             train_images=len(train),
             val_images=len(val),
             train_counts=_counts(train),
             val_counts=_counts(val),
-            skipped_images=tuple(train.skipped + val.skipped),
+            skipped_images=tuple(train.skipped + val.skipped + (test.skipped if test else [])),
             cached=train.cached and val.cached,
+            test_images=len(test) if test else 0,
+            test_counts=_counts(test) if test else {},
         )
+
+    def write_split_lists(self, out_dir: Path) -> list[Path]:
+        """`out_dir/<split>.csv`: every image of each split (path relative to data_dir, class), as trained."""
+        root = Path(self.cfg.data_dir)
+        splits = self.splits()
+        return write_split_lists(root, splits["train"].classes, {n: s.paths for n, s in splits.items()},
+                                 {n: s.labels.tolist() for n, s in splits.items()}, out_dir)
 
     def start(self, mlflow_run_id: str | None) -> RunSummary:
         """A new run: the pretrained, frozen model written as epoch 0 to last.pth."""

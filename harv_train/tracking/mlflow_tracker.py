@@ -305,12 +305,13 @@ class MlflowTracker:
                 self.log_metrics(missed, "logging the summary metrics missed during the outage")
         return not self.down
 
-    def log_evaluation(self, report) -> None:
-        """An EvalReport: eval_* metrics and the report's files under evaluation/."""
-        metrics = {f"eval_{k}": v for k, v in report.metrics.summary().items()}
-        self.log_metrics({**metrics, "eval_loss": report.loss}, "logging the evaluation metrics")
+    def log_evaluation(self, report, prefix: str = "eval", folder: str = "evaluation") -> None:
+        """An EvalReport: `prefix`_* metrics and the report's files under `folder`/ (the val report as
+        eval_* in evaluation/, the test report as test_* in test/)."""
+        metrics = {f"{prefix}_{k}": v for k, v in report.metrics.summary().items()}
+        self.log_metrics({**metrics, f"{prefix}_loss": report.loss}, f"logging the {report.split} evaluation metrics")
         for path in report.files.values():
-            self.log_artifact(path, "evaluation")
+            self.log_artifact(path, folder)
 
     def log_export(self, result) -> None:
         """An ExportResult: parity and latency metrics and the exported files under export/."""
