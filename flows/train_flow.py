@@ -199,8 +199,8 @@ def _log_run(cfg: TrainConfig, session: TrainingSession, tracker: MlflowTracker,
             ckpt.record_mlflow_run_id(cfg.checkpoints_dir, tracker.run_id)  # what --resume continues
     tracker.log_params(cfg.flat_dict())
     tracker.log_epochs(summary.history)
-    tracker.log_metrics({"best_val_acc": summary.best_val_acc, "best_epoch": summary.best_epoch,
-                         "epochs_completed": summary.epoch})
+    tracker.log_metrics({"best_val_acc": summary.best_val_acc, "best_val_macro_f1": summary.best_score("val_macro_f1"),
+                         "best_epoch": summary.best_epoch, "epochs_completed": summary.epoch})
     best = cfg.checkpoints_dir / ckpt.BEST
     for path in (best, cfg.checkpoints_dir / ckpt.FINAL, params_copy):
         tracker.log_artifact(path, "checkpoints" if path.suffix == ".pth" else None)
@@ -215,7 +215,8 @@ def _log_run(cfg: TrainConfig, session: TrainingSession, tracker: MlflowTracker,
     if model_uri:
         logger.info(f"Logged the best model to MLflow: {model_uri}")
     if model_uri and cfg.registered_model_name:
-        registration = tracker.register_model(cfg.registered_model_name, model_uri, summary.best_val_acc)
+        registration = tracker.register_model(cfg.registered_model_name, model_uri,
+                                              summary.best_score(cfg.select_metric), cfg.select_metric)
         if registration:
             logger.info(registration.summary())
 

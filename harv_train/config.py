@@ -229,6 +229,20 @@ class TrainConfig(BaseModel):
         description="With val_fraction: this fraction of each class goes to a test split, evaluated after "
         "training and never used to choose a model; null: no test split made.",
     )
+    # Class imbalance and model selection (docs/data.md, Class imbalance).
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="Training loss weights: none, or balanced (inverse class frequency of the train split)."
+    )
+    sampler: Literal["shuffle", "balanced"] = Field(
+        "shuffle",
+        description="Epoch order: shuffle (each image once), or balanced (each class drawn equally often, with "
+        "replacement, seeded per epoch).",
+    )
+    select_metric: Literal["val_acc", "val_macro_f1"] = Field(
+        "val_acc",
+        description="What picks the best epoch, drives early stopping and is compared for the champion: val "
+        "accuracy or val macro F1 (ties broken by val loss).",
+    )
     # Beyond one process.
     distributed: DistributedConfig = Field(
         default_factory=DistributedConfig,

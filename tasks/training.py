@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from harv_train.core import checkpoints as ckpt
 from harv_train.core.distributed import launch_epoch
+from harv_train.core.imbalance import imbalance_warning
 from harv_train.core.run_state import EpochMetrics, RunSummary
 from harv_train.core.session import DataSummary, TrainingSession
 
@@ -26,6 +27,9 @@ def load_data_task(session: TrainingSession) -> DataSummary:
     logger.info(f"Samples: {data.train_images} train, {data.val_images} val"
                 + (f", {data.test_images} test" if data.test_images else "")
                 + f" (train per class: {data.train_counts})")
+    warning = imbalance_warning(data.train_counts)
+    if warning:
+        logger.warning(warning)
     if data.skipped_images:
         logger.info(f"Skipped {len(data.skipped_images)} unreadable image(s)")
     return data

@@ -30,6 +30,7 @@ from harv_train.core.data import DecodedSplit, load_dataset
 from harv_train.core.decoded_cache import resolve_cache_dir
 from harv_train.core.engine import SINGLE, Pipeline, World, evaluate, frozen_feature_batches, train_one_epoch
 from harv_train.core.freezing import forward_from, fused_frozen_prefix
+from harv_train.core.imbalance import balanced_class_weights, class_counts
 from harv_train.core.models import model_spec
 from harv_train.core.run_state import EpochMetrics, RunState, RunSummary, summary_of
 from harv_train.core.runtime import available_cores, configure_threads, epoch_seed, resolve_device
@@ -166,10 +167,12 @@ class TrainingSession:
             if world.rank == 0:
                 state.commit(cfg.checkpoints_dir, metrics.is_best)
                 if metrics.is_best:
-                    logger.info(f"New best model: val accuracy {metrics.val_acc:.4f} (loss {metrics.val_loss:.4f}) "
+                    logger.info(f"New best model: val accuracy {metrics.val_acc:.4f}, macro F1 {metrics.val_macro_f1:.4f} "
+                                f"(loss {metrics.val_loss:.4f}) "
                                 f"at epoch {metrics.epoch} -> {cfg.checkpoints_dir / ckpt.BEST}")
             if metrics.stop:
-                logger.info(f"Early stopping: no better model (val accuracy, then val loss) for "
+                metric = "val accuracy" if cfg.select_metric == "val_acc" else "val macro F1"
+                logger.info(f"Early stopping: no better model ({metric}, then val loss) for "
                             f"{cfg.early_stopping_patience} epochs")
             return metrics
         except BaseException:
@@ -216,7 +219,8 @@ class TrainingSession:
         elif cfg.compile:
             trainable = self._compiled_trainable(state)
         train = train_one_epoch(model, n_frozen, state.optimizer, self.train_split(), cfg.batch_size, self.pipeline,
-                                generator, state.scaler, progress, world, trainable, prefix)
+                                generator, state.scaler, progress, world, trainable, prefix,
+                                self._class_weights(), cfg.sampler)
 
         val_start = time.perf_counter()
         features = self._val_features or self._collect_val_features(
@@ -225,15 +229,23 @@ class TrainingSession:
         val.seconds = time.perf_counter() - val_start  # includes the frozen features when computed this epoch
 
         state.scheduler.step(val.loss)
-        is_best = state.stopper.step(val.acc, val.loss)
+        is_best = state.stopper.step(val.acc if cfg.select_metric == "val_acc" else val.macro_f1, val.loss)
         logger.info(f"Epoch {epoch + 1}/{cfg.epochs}")
         logger.info(f"Train: loss={train.loss:.4f}, accuracy={train.acc:.4f} ({train.batches} batches, {train.seconds:.1f}s)")
-        logger.info(f"Val: loss={val.loss:.4f}, accuracy={val.acc:.4f} ({val.batches} batches, {val.seconds:.1f}s)")
+        logger.info(f"Val: loss={val.loss:.4f}, accuracy={val.acc:.4f}, macro F1={val.macro_f1:.4f} "
+                    f"({val.batches} batches, {val.seconds:.1f}s)")
         return EpochMetrics(
             epoch=epoch + 1, train_loss=train.loss, train_acc=train.acc, val_loss=val.loss, val_acc=val.acc, lr=lr,
             train_time_s=train.seconds, val_time_s=val.seconds, train_batches=train.batches,
-            val_batches=val.batches, is_best=is_best, stop=state.stopper.should_stop,
+            val_batches=val.batches, is_best=is_best, stop=state.stopper.should_stop, val_macro_f1=val.macro_f1,
         )
+
+    def _class_weights(self) -> torch.Tensor | None:
+        """The loss weights of `class_weights: balanced` (inverse frequency in the train split), else None."""
+        if self.cfg.class_weights != "balanced":
+            return None
+        train = self.splits()["train"]
+        return balanced_class_weights(class_counts(train.labels, len(train.classes)))
 
     def _collect_val_features(self, batches):
         """Pass the batches through, keeping them for later epochs while they fit in cache_max_mb."""

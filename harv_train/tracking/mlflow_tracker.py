@@ -266,7 +266,7 @@ class MlflowTracker:
 
         return self._attempt("logging the model", _log) if self.run_id else None
 
-    def register_model(self, name: str, model_uri: str, val_acc: float) -> Registration | None:
+    def register_model(self, name: str, model_uri: str, val_acc: float, metric: str = "val_acc") -> Registration | None:
         """Register the run's logged model under `name`, moving `champion` only when it is better
         (harv_train.tracking.registry); returns the Registration, or None when it failed (recorded as a failure)."""
         if not self.run_id:
@@ -279,7 +279,7 @@ class MlflowTracker:
             # resumed run whose model was logged before (log_model() returns early) registered into
             # ./mlflow.db of the working directory, and failed there.
             mlflow.set_tracking_uri(self.tracking_uri)
-            return registry.register_and_promote(self.client(), name, model_uri, self.run_id, val_acc)
+            return registry.register_and_promote(self.client(), name, model_uri, self.run_id, val_acc, metric=metric)
 
         return self._attempt(f"registering the model as {name}", _register)
 
