@@ -64,6 +64,7 @@ from harv_train.cli.startup import EarlyServer, flow_server
 from harv_train.config import ParamOverrides, TrainConfig, load_config, write_params_file
 from harv_train.core import checkpoints as ckpt
 from harv_train.core.checks import check_inputs
+from harv_train.core.lineage import source_tags
 from harv_train.core.locking import artifacts_lock
 from harv_train.core.run_state import RunSummary
 from harv_train.core.runtime import configure_threads
@@ -148,6 +149,7 @@ def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary
         if data.test_images:
             sizes["test_images"] = data.test_images
         tracker.log_metrics(sizes, "logging dataset size")
+        tracker.log_dataset(session.dataset_info())
         logger.info(f"MLflow run {tracker.run_id} in {cfg.mlflow_tracking_uri} (experiment {cfg.mlflow_experiment})")
 
     summary = resume_run_task(session) if resume else start_run_task(session, tracker.run_id)
@@ -198,6 +200,7 @@ def _log_run(cfg: TrainConfig, session: TrainingSession, tracker: MlflowTracker,
         if tracker.start(None, runtime.flow_run.name, _tags()):
             ckpt.record_mlflow_run_id(cfg.checkpoints_dir, tracker.run_id)  # what --resume continues
     tracker.log_params(cfg.flat_dict())
+    tracker.log_dataset(session.dataset_info())  # a run opened only now (not again for one that has it)
     tracker.log_epochs(summary.history)
     tracker.log_metrics({"best_val_acc": summary.best_val_acc, "best_val_macro_f1": summary.best_score("val_macro_f1"),
                          "best_epoch": summary.best_epoch, "epochs_completed": summary.epoch})
@@ -251,6 +254,7 @@ def _tags() -> dict[str, str]:
         "prefect.flow_run_id": str(runtime.flow_run.id),
         "prefect.flow_run_name": str(runtime.flow_run.name),
         "prefect.deployment": str(runtime.deployment.name or ""),
+        **source_tags(Path(__file__).resolve().parent),  # the code's git commit and dirty flag, in a checkout
     }
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,9 +14,12 @@ from PIL import Image
 
 from harv_train.config import load_config
 from harv_train.core.data import load_dataset, scan_dataset
+from harv_train.core.session import TrainingSession
 from harv_train.core.splits import assign_class
 from harv_train.errors import ConfigError, DataError
 from tests.images import write_image_folder
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _flat(root: Path, counts: dict[str, int]) -> Path:
@@ -78,7 +83,7 @@ def test_a_test_folder_beside_train_and_val_is_a_third_split(image_folder):
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_a_flat_folder_with_val_fraction_trains_and_logs_each_splits_file_list(make_config, tmp_path):
+def test_a_flat_folder_with_val_fraction_trains_and_logs_its_split_files_dataset_and_source(make_config, tmp_path):
     from flows.train_flow import train_flow
     from harv_train.config import write_params_file
 
@@ -99,3 +104,13 @@ def test_a_flat_folder_with_val_fraction_trains_and_logs_each_splits_file_list(m
     expected = scan_dataset(flat, None, val_fraction=0.25, seed=cfg.seed)["val"]
     assert [(r["path"], r["class"]) for r in rows] == [
         (p.relative_to(flat).as_posix(), expected.classes[label]) for p, label in expected.samples]
+    # Lineage: the dataset input (the runs table's Dataset column), the code's commit, the experiment's kind.
+    (dataset_input,) = run.inputs.dataset_inputs
+    dataset = dataset_input.dataset
+    assert (dataset.name, len(dataset.digest)) == ("train", 16)
+    assert json.loads(dataset.profile)["splits"] == {"train": 12, "val": 4}
+    assert dataset.digest == TrainingSession(cfg).dataset_info().digest
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    assert run.data.tags["mlflow.source.git.commit"] == head
+    assert run.data.tags["harv_train.git_dirty"] in ("true", "false")
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"

@@ -31,6 +31,7 @@ from harv_train.core.decoded_cache import resolve_cache_dir
 from harv_train.core.engine import SINGLE, Pipeline, World, evaluate, frozen_feature_batches, train_one_epoch
 from harv_train.core.freezing import forward_from, fused_frozen_prefix
 from harv_train.core.imbalance import balanced_class_weights, class_counts
+from harv_train.core.lineage import DatasetInfo, describe_dataset
 from harv_train.core.models import model_spec
 from harv_train.core.run_state import EpochMetrics, RunState, RunSummary, summary_of
 from harv_train.core.runtime import available_cores, configure_threads, epoch_seed, resolve_device
@@ -115,6 +116,12 @@ class TrainingSession:
             test_images=len(test) if test else 0,
             test_counts=_counts(test) if test else {},
         )
+
+    def dataset_info(self) -> DatasetInfo:
+        """The dataset as trained, for MLflow's Dataset column: name, digest of its files, sizes, class counts."""
+        splits = self.splits()
+        return describe_dataset(self.cfg.data_dir, splits["train"].classes,
+                                {n: (s.paths, s.labels.tolist()) for n, s in splits.items()})
 
     def write_split_lists(self, out_dir: Path) -> list[Path]:
         """`out_dir/<split>.csv`: every image of each split (path relative to data_dir, class), as trained."""

@@ -10,6 +10,7 @@ outage; a bug in this code raises.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -95,6 +96,12 @@ def _arm_request_failpoint() -> None:
     rest_utils._get_http_response_with_retries = send_then_failpoint
 
 
+# MLflow 3's UI opens an experiment in its GenAI view unless this tag says it trains models (the
+# values are the UI's: mlflow/server/js, ExperimentKind).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
+
 class MlflowTracker:
     def __init__(self, tracking_uri: str, experiment: str):
         # An unreachable server should fail fast, not after MLflow's default minutes of retries.
@@ -149,6 +156,8 @@ class MlflowTracker:
             experiment = client.get_experiment_by_name(self.experiment)
             self.experiment_id = experiment.experiment_id if experiment else client.create_experiment(
                 self.experiment, artifact_location=artifacts_beside_store(self.tracking_uri, self.experiment))
+            if experiment is None or EXPERIMENT_KIND_TAG not in experiment.tags:  # a kind set by hand stays
+                client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
             return client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
 
         self.run_id = self._attempt("starting the run", _start)
@@ -227,6 +236,22 @@ class MlflowTracker:
         if self.run_id:
             self._attempt("setting tags", lambda: self.client().log_batch(
                 self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+
+    def log_dataset(self, info, context: str = "training") -> None:
+        """A DatasetInfo as the run's dataset input (what mlflow.log_input logs): the runs table's
+        Dataset column shows its name and digest, its profile the split sizes and class counts."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        def _log() -> None:
+            held = self.client().get_run(self.run_id).inputs.dataset_inputs
+            if any(d.dataset.name == info.name and d.dataset.digest == info.digest for d in held):
+                return  # a resumed run logged it before
+            dataset = Dataset(name=info.name, digest=info.digest, source_type="local",
+                              source=json.dumps({"uri": info.source}), profile=info.profile_json())
+            self.client().log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
+        if self.run_id:
+            self._attempt("logging the dataset", _log)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.run_id:
