@@ -95,3 +95,22 @@ def test_the_log_prints_class_counts_and_warns_at_five_fold(make_config, tmp_pat
         load_data_task.fn(TrainingSession(make_config(data_dir=str(data))))
     assert "train per class: {'cat': 10, 'dog': 2}" in caplog.text
     assert "imbalanced: cat has 10 images, dog 2 (5.0x)" in caplog.text
+
+
+@pytest.mark.parametrize("select_metric, best_epoch", [("val_acc", 1), ("val_macro_f1", 2)])
+def test_select_metric_decides_which_epoch_is_best_model_pth(make_config, monkeypatch, select_metric, best_epoch):
+    # Validation scripted to disagree (epoch 1: higher accuracy, epoch 2: higher macro F1, as on a skewed
+    # val set); training, early stopping and the checkpoint writes are the real ones.
+    from harv_train.core import session as session_module
+    from harv_train.core.engine import EpochResult
+
+    scripted = iter([(0.9, 0.5), (0.8, 0.7)])
+
+    def evaluate(*args, **kwargs):
+        acc, f1 = next(scripted)
+        return EpochResult(loss=0.5, acc=acc, batches=1, images=8, seconds=0.0, macro_f1=f1)
+
+    monkeypatch.setattr(session_module, "evaluate", evaluate)
+    cfg = make_config(select_metric=select_metric, epochs=2)
+    train_epochs(cfg)
+    assert torch.load(cfg.checkpoints_dir / "best_model.pth", weights_only=True)["epoch"] == best_epoch
