@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None, early_server: EarlyServer | None = None)
     result = flow_state.result()
     evaluation = result["evaluation"]
     print(f"accuracy {evaluation.metrics.accuracy:.4f}, macro F1 {evaluation.metrics.macro['f1']:.4f} on "
-          f"{evaluation.metrics.total} images; report in {evaluation.out_dir}")
+          f"{evaluation.metrics.total} images of the {evaluation.split} split; report in {evaluation.out_dir}")
     if result.get("export"):
         print(f"exported to {result['export'].out_dir}")
     return 0

@@ -64,6 +64,7 @@ from harv_train.cli.startup import EarlyServer, flow_server
 from harv_train.config import ParamOverrides, TrainConfig, load_config, write_params_file
 from harv_train.core import checkpoints as ckpt
 from harv_train.core.checks import check_inputs
+from harv_train.core.lineage import source_tags
 from harv_train.core.locking import artifacts_lock
 from harv_train.core.run_state import RunSummary
 from harv_train.core.runtime import configure_threads
@@ -156,6 +157,7 @@ def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary
             tracker.set_tags(_tags(run_tags))  # the run now continues under this flow run
         tracker.log_params(cfg.flat_dict())
         tracker.log_metrics(_dataset_size(data), "logging dataset size")
+        tracker.log_dataset(session.dataset_info())
         logger.info(f"MLflow run {tracker.run_id} in {cfg.mlflow_tracking_uri} (experiment {cfg.mlflow_experiment})")
 
     summary = resume_run_task(session) if resume else start_run_task(session, tracker.run_id)
@@ -189,7 +191,7 @@ def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary
     params_copy = cfg.checkpoints_dir / "params.yaml"
     write_params_file(cfg, params_copy)
     calibration = calibrate_task(session) if cfg.calibrate else None  # before the model is logged: it carries T
-    _log_run(cfg, tracker, summary, params_copy, data, run_tags)
+    _log_run(cfg, session, tracker, summary, params_copy, data, run_tags)
     if calibration:
         logger.info(f"Calibration on {calibration.images} val images: temperature {calibration.temperature:.3f}, "
                     f"ECE {calibration.ece_before:.4f} -> {calibration.ece_after:.4f}, "
@@ -201,6 +203,10 @@ def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary
     post = evaluate_and_export_task(session)
     if not tracker.down:
         tracker.log_evaluation(post.evaluation)
+        if post.test:  # reported only: best epoch and champion were decided on val before this
+            tracker.log_evaluation(post.test, prefix="test", folder="test")
+            logger.info(f"Test split: accuracy {post.test.metrics.accuracy:.4f}, macro F1 "
+                        f"{post.test.metrics.macro['f1']:.4f} on {post.test.metrics.total} images")
         if post.export:
             tracker.log_export(post.export)
     logger.info(f"Best model: val accuracy {summary.best_val_acc:.4f} at epoch {summary.best_epoch} -> "
@@ -210,8 +216,11 @@ def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary
 
 
 def _dataset_size(data: DataSummary) -> dict[str, float]:
-    return {"train_images": data.train_images, "val_images": data.val_images,
-            "skipped_images": len(data.skipped_images)}
+    sizes = {"train_images": data.train_images, "val_images": data.val_images,
+             "skipped_images": len(data.skipped_images)}
+    if data.test_images:
+        sizes["test_images"] = data.test_images
+    return sizes
 
 
 def _report_to_sweep(trial: SweepTrial, metrics, may_prune: bool) -> bool:
@@ -226,8 +235,8 @@ def _report_to_sweep(trial: SweepTrial, metrics, may_prune: bool) -> bool:
     return False
 
 
-def _log_run(cfg: TrainConfig, tracker: MlflowTracker, summary: RunSummary, params_copy: Path,
-             data: DataSummary, run_tags: dict[str, str]) -> None:
+def _log_run(cfg: TrainConfig, session: TrainingSession, tracker: MlflowTracker, summary: RunSummary,
+             params_copy: Path, data: DataSummary, run_tags: dict[str, str]) -> None:
     """Everything the MLflow run holds beyond per-epoch metrics; catches up after an outage."""
     if tracker.down:
         tracker.reconnect()
@@ -236,12 +245,15 @@ def _log_run(cfg: TrainConfig, tracker: MlflowTracker, summary: RunSummary, para
             ckpt.record_mlflow_run_id(cfg.checkpoints_dir, tracker.run_id)  # what --resume continues
     tracker.log_params(cfg.flat_dict())
     tracker.log_metrics(_dataset_size(data), "logging dataset size")  # a run opened late has none yet
+    tracker.log_dataset(session.dataset_info())  # a run opened only now (not again for one that has it)
     tracker.log_epochs(summary.history)
-    tracker.log_metrics({"best_val_acc": summary.best_val_acc, "best_epoch": summary.best_epoch,
-                         "epochs_completed": summary.epoch})
+    tracker.log_metrics({"best_val_acc": summary.best_val_acc, "best_val_macro_f1": summary.best_score("val_macro_f1"),
+                         "best_epoch": summary.best_epoch, "epochs_completed": summary.epoch})
     best = cfg.checkpoints_dir / ckpt.BEST
     for path in (best, cfg.checkpoints_dir / ckpt.FINAL, params_copy):
         tracker.log_artifact(path, "checkpoints" if path.suffix == ".pth" else None)
+    for path in session.write_split_lists(cfg.splits_dir):  # which image trained, chose or tested
+        tracker.log_artifact(path, "splits")
     if not tracker.run_id or tracker.down:
         return
     state = ckpt.load_checkpoint(best)
@@ -251,7 +263,8 @@ def _log_run(cfg: TrainConfig, tracker: MlflowTracker, summary: RunSummary, para
     if model_uri:
         logger.info(f"Logged the best model to MLflow: {model_uri}")
     if model_uri and cfg.registered_model_name:
-        registration = tracker.register_model(cfg.registered_model_name, model_uri, summary.best_val_acc)
+        registration = tracker.register_model(cfg.registered_model_name, model_uri,
+                                              summary.best_score(cfg.select_metric), cfg.select_metric)
         if registration:
             logger.info(registration.summary())
 
@@ -288,6 +301,7 @@ def _tags(extra: dict[str, str] | None = None) -> dict[str, str]:
         "prefect.deployment": str(runtime.deployment.name or ""),
         # The worker that started this flow run (a process worker sets it), to see where a run trained.
         **({"prefect.worker": os.environ["PREFECT__WORKER_NAME"]} if os.environ.get("PREFECT__WORKER_NAME") else {}),
+        **source_tags(Path(__file__).resolve().parent),  # the code's git commit and dirty flag, in a checkout
         **(extra or {}),
     }
 

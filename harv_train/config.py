@@ -261,6 +261,35 @@ class TrainConfig(BaseModel):
         description="Register the best model under this name (alias champion moves to it only when its val "
         "accuracy is higher); null does not register.",
     )
+    # Splits made for you (docs/data.md, Splits made for you).
+    val_fraction: Annotated[float | None, MustBe("null or a number between 0 and 1 (exclusive)")] = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Split data_dir's class folders for you: this fraction of each class goes to val (stratified, "
+        "by a stable hash of each file's path and seed); null: data_dir holds train/ and val/.",
+    )
+    test_fraction: Annotated[float | None, MustBe("null or a number between 0 and 1 (exclusive)")] = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="With val_fraction: this fraction of each class goes to a test split, evaluated after "
+        "training and never used to choose a model; null: no test split made.",
+    )
+    # Class imbalance and model selection (docs/data.md, Class imbalance).
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="Training loss weights: none, or balanced (inverse class frequency of the train split)."
+    )
+    sampler: Literal["shuffle", "balanced"] = Field(
+        "shuffle",
+        description="Epoch order: shuffle (each image once), or balanced (each class drawn equally often, with "
+        "replacement, seeded per epoch).",
+    )
+    select_metric: Literal["val_acc", "val_macro_f1"] = Field(
+        "val_acc",
+        description="What picks the best epoch, drives early stopping and is compared for the champion: val "
+        "accuracy or val macro F1 (ties broken by val loss).",
+    )
     # Beyond one process.
     distributed: DistributedConfig = Field(
         default_factory=DistributedConfig,
@@ -284,6 +313,17 @@ class TrainConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _fractions_fit(self) -> TrainConfig:
+        if self.test_fraction is not None and self.val_fraction is None:
+            raise ValueError("test_fraction needs val_fraction: set val_fraction too (data_dir then holds class "
+                             "folders), or put a test/ folder beside train/ and val/")
+        total = (self.val_fraction or 0) + (self.test_fraction or 0)
+        if total >= 1:
+            raise ValueError(f"val_fraction + test_fraction must be below 1 (got {total:g}): leave some images "
+                             "to train on")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """Plain values (distributed as a dict), safe for JSON, YAML and checkpoints."""
         return self.model_dump()
@@ -300,6 +340,16 @@ class TrainConfig(BaseModel):
     def eval_dir(self) -> Path:
         """The evaluation report of best_model.pth (harv_train/reporting/post_training.py)."""
         return Path(self.artifacts_dir) / "eval"
+
+    @property
+    def test_eval_dir(self) -> Path:
+        """The report of best_model.pth on the test split, when there is one (never used to choose)."""
+        return Path(self.artifacts_dir) / "test"
+
+    @property
+    def splits_dir(self) -> Path:
+        """The file list of each split as trained (`<split>.csv`), logged to MLflow under splits/."""
+        return Path(self.artifacts_dir) / "splits"
 
     @property
     def export_dir(self) -> Path:

@@ -15,8 +15,8 @@ from harv_train.core.calibration import Calibration
 from harv_train.reporting.post_training import PostTraining, calibrate_checkpoint, evaluate_and_export, table_rows
 
 
-def _publish_table(report: EvalReport, where: str) -> None:
-    create_table_artifact(key="evaluation-report", table=table_rows(report),
+def _publish_table(report: EvalReport, where: str, key: str = "evaluation-report") -> None:
+    create_table_artifact(key=key, table=table_rows(report),
                           description=f"Per-class precision, recall, F1 and support; accuracy "
                                       f"{report.metrics.accuracy:.4f} ({where})")
 
@@ -61,11 +61,14 @@ def calibrate_task(session: TrainingSession) -> Calibration:
 @task(name="evaluate-and-export", cache_policy=NO_CACHE)
 def evaluate_and_export_task(session: TrainingSession) -> PostTraining:
     """The training flow's last step: report and export of best_model.pth, on the val images the
-    session has already decoded."""
+    session has already decoded, and its report on the test images when there are any."""
     cfg = session.cfg
     configure_threads(cfg.threads)
-    result = evaluate_and_export(cfg, session.splits()["val"], session.device)
-    _publish_table(result.evaluation, f"{cfg.data_dir}/val")
+    splits = session.splits()
+    result = evaluate_and_export(cfg, splits["val"], session.device, splits.get("test"))
+    _publish_table(result.evaluation, f"{cfg.data_dir}: val split")
+    if result.test:
+        _publish_table(result.test, f"{cfg.data_dir}: test split", key="test-report")
     if result.export:
         _publish_export(result.export)
     return result

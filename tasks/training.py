@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from harv_train.core import checkpoints as ckpt
 from harv_train.core.distributed import launch_epoch
+from harv_train.core.imbalance import imbalance_warning
 from harv_train.core.run_state import EpochMetrics, RunSummary
 from harv_train.core.session import DataSummary, TrainingSession
 
@@ -23,7 +24,12 @@ logger = logging.getLogger("harv_train.tasks")
 def load_data_task(session: TrainingSession) -> DataSummary:
     data = session.describe_data()
     logger.info(f"Classes: {', '.join(data.classes)}")
-    logger.info(f"Samples: {data.train_images} train, {data.val_images} val (train per class: {data.train_counts})")
+    logger.info(f"Samples: {data.train_images} train, {data.val_images} val"
+                + (f", {data.test_images} test" if data.test_images else "")
+                + f" (train per class: {data.train_counts})")
+    warning = imbalance_warning(data.train_counts)
+    if warning:
+        logger.warning(warning)
     if data.skipped_images:
         logger.info(f"Skipped {len(data.skipped_images)} unreadable image(s)")
     return data
@@ -33,7 +39,7 @@ def load_data_task(session: TrainingSession) -> DataSummary:
 def start_run_task(session: TrainingSession, mlflow_run_id: str | None) -> RunSummary:
     """Moves an earlier run's checkpoints aside, then writes epoch 0."""
     cfg = session.cfg
-    kept = ckpt.archive_previous_checkpoints(cfg.checkpoints_dir, (cfg.eval_dir, cfg.export_dir))
+    kept = ckpt.archive_previous_checkpoints(cfg.checkpoints_dir, (cfg.eval_dir, cfg.export_dir, cfg.test_eval_dir, cfg.splits_dir))
     if kept:
         logger.info(f"Kept the earlier run's checkpoints in {kept}")
     return session.start(mlflow_run_id)

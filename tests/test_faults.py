@@ -54,7 +54,7 @@ def _reference_history(cfg):
 
 @pytest.mark.parametrize(
     "failpoint",
-    ["train_batch:6", "checkpoint_partial:3", "checkpoint_write:3", "mlflow_log:5"],
+    ["train_batch:6", "checkpoint_partial:3", "checkpoint_write:3", "mlflow_log:6"],
     ids=["during-an-epoch", "inside-a-checkpoint-write", "after-a-checkpoint-write-before-its-rename",
          "during-mlflow-logging"],
 )
@@ -119,9 +119,9 @@ def test_a_tracking_blip_mid_run_is_caught_up_at_the_end(make_config, tmp_path):
     cfg = make_config(epochs=3)
     params = tmp_path / "params.yaml"
     write_params_file(cfg, params)
-    # The 4th MLflow call (epoch 1's metrics, after opening the run, its params and the dataset size)
-    # fails once: later calls wait for the end of the run.
-    result = _cli(params, failpoint="mlflow_log:4:raise")
+    # The 5th MLflow call (epoch 1's metrics, after opening the run, its params, the dataset size and
+    # the dataset input) fails once: later calls wait for the end of the run.
+    result = _cli(params, failpoint="mlflow_log:5:raise")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "failed while logging epoch 1" in result.stdout + result.stderr
     assert "everything missed was logged at the end" in result.stdout + result.stderr
@@ -172,7 +172,7 @@ def test_tracking_down_until_the_end_fails_the_run_and_resume_catches_up(make_co
     cfg = make_config(epochs=3)
     params = tmp_path / "params.yaml"
     write_params_file(cfg, params)
-    failed = _cli(params, failpoint="mlflow_log:4+:raise")
+    failed = _cli(params, failpoint="mlflow_log:5+:raise")  # from epoch 1's metrics on
     assert failed.returncode == 1
     assert "MLflow logging failed" in failed.stderr and "rerun with --resume" in failed.stderr
     run_id = ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.FINAL)["mlflow_run_id"]
@@ -190,9 +190,9 @@ def test_resume_after_a_kill_between_logging_the_model_and_registering_it_logs_a
     cfg = make_config(epochs=1, registered_model_name="killed-before-registering")
     params = tmp_path / "params.yaml"
     write_params_file(cfg, params)
-    # MLflow calls: open the run, params, dataset size, epoch 1; at the end params, dataset size, epochs,
-    # summary, three files, the model, then 13: registering it.
-    killed = _cli(params, failpoint="mlflow_log:13")
+    # MLflow calls: open the run, params, dataset size, dataset input, epoch 1; at the end params,
+    # dataset size, dataset input, epochs, summary, three files, the model, then 15: registering it.
+    killed = _cli(params, failpoint="mlflow_log:15")
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert "Logged the best model to MLflow" in killed.stdout + killed.stderr
     assert "Registered" not in killed.stdout + killed.stderr

@@ -117,3 +117,18 @@ def test_a_registry_failure_is_recorded_not_raised(monkeypatch):
     assert tracker.down
     [failure] = tracker.failures
     assert failure.startswith("registering the model as m: ")
+
+
+def test_select_metric_val_macro_f1_compares_the_champion_on_macro_f1(store):
+    # The newcomer has the better macro F1 but the worse accuracy: it wins on macro F1 only.
+    client, _ = store
+    first_run_id, first_uri = _logged_model(store)
+    registry.register_and_promote(client, "m", first_uri, first_run_id, val_acc=0.5, metric="val_macro_f1")
+    client.set_model_version_tag("m", "1", "val_acc", "0.9")
+    run_id, uri = _logged_model(store)
+    second = registry.register_and_promote(client, "m", uri, run_id, val_acc=0.7, metric="val_macro_f1")
+
+    assert (second.promoted, second.previous_val_acc) == (True, 0.5)
+    assert "val macro f1 0.7000" in second.summary()
+    assert client.get_run(run_id).data.metrics == {"registry_candidate_val_macro_f1": 0.7,
+                                                  "registry_champion_val_macro_f1": 0.5}

@@ -25,7 +25,7 @@ def check_inputs(cfg: TrainConfig, resume: bool, classes: list[str] | None = Non
     every image's header read (decoding them all twice would double a large dataset's start)."""
     resolve_device(cfg.device)
     if classes is None:
-        indexes = scan_dataset(cfg.data_dir, cfg.classes)
+        indexes = scan_dataset(cfg.data_dir, cfg.classes, cfg.val_fraction, cfg.test_fraction, cfg.seed)
         if not cfg.skip_bad_images:
             for index in indexes.values():
                 check_images_open(index)

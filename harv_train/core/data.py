@@ -22,12 +22,14 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from harv_train.core.decoded_cache import CacheStore, PixelFile, resolve_cache_dir
+from harv_train.core.splits import make_splits
 from harv_train.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 SPLITS = ("train", "val")
+OPTIONAL_SPLITS = ("test",)  # evaluated after training when present, never used to choose
 _FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
@@ -82,40 +84,67 @@ def _differ(a: Sequence[str], b: Sequence[str], a_name: str, b_name: str) -> str
     return "; ".join(parts)
 
 
-def scan_dataset(data_dir: str | Path, classes: Sequence[str] | None = None) -> dict[str, SplitIndex]:
-    """Check the folder layout and class names; returns the train and val file lists."""
+def scan_dataset(data_dir: str | Path, classes: Sequence[str] | None = None, val_fraction: float | None = None,
+                 test_fraction: float | None = None, seed: int = 0) -> dict[str, SplitIndex]:
+    """Check the folder layout and class names; returns the train and val file lists, and test's when
+    there is one (`DATA_DIR/test/<class>/`, or `test_fraction`). With `val_fraction`, `data_dir` holds
+    the class folders and the splits are made here (harv_train/core/splits.py)."""
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(
             f"data_dir {root} does not exist: put images in {root}/train/<class>/ and {root}/val/<class>/ "
             "or set data_dir (python -m harv_train.demo_data DIR writes an example)"
         )
+    if val_fraction is not None:
+        return _made_splits(root, classes, val_fraction, test_fraction, seed)
     found: dict[str, list[str]] = {}
-    for split in SPLITS:
+    present = [*SPLITS, *(s for s in OPTIONAL_SPLITS if (root / s).is_dir())]
+    for split in present:
         split_dir = root / split
         if not split_dir.is_dir():
-            raise DataError(f"{split_dir} does not exist: data_dir needs train/ and val/ folders with one folder per class")
+            raise DataError(f"{split_dir} does not exist: data_dir needs train/ and val/ folders with one folder per "
+                            "class (or set val_fraction: 0.2 to split a folder of class folders for you)")
         names = _class_dirs(split_dir)
         if not names:
             raise DataError(f"{split_dir} has no class folders: add one folder of images per class")
         found[split] = names
-    if found["train"] != found["val"]:
+    for split in present[1:]:
+        if found["train"] != found[split]:
+            raise DataError(
+                f"class folders in {root}/{split} differ from {root}/train ("
+                + _differ(found["train"], found[split], "train", split)
+                + "): give every split the same class folders"
+            )
+    ordered = _checked_classes(root / "train", found["train"], classes)
+    return {split: scan_split(root / split, ordered) for split in present}
+
+
+def _checked_classes(where: Path, names: list[str], classes: Sequence[str] | None) -> list[str]:
+    if len(names) < 2:
+        raise DataError(f"{where} has only the class {names[0]}: a classifier needs 2 or more classes")
+    if classes is not None and sorted(classes) != names:
         raise DataError(
-            f"class folders in {root}/val differ from {root}/train ("
-            + _differ(found["train"], found["val"], "train", "val")
-            + "): give both splits the same class folders"
-        )
-    if len(found["train"]) < 2:
-        raise DataError(f"{root}/train has only the class {found['train'][0]}: a classifier needs 2 or more classes")
-    if classes is not None and sorted(classes) != found["train"]:
-        raise DataError(
-            f"classes in params ({', '.join(classes)}) do not match the folders in {root}/train ("
-            + _differ(classes, found["train"], "params", "folders")
+            f"classes in params ({', '.join(classes)}) do not match the folders in {where} ("
+            + _differ(classes, names, "params", "folders")
             + "): fix classes, or set it to null to use the folder names"
         )
     # Class index order is the folders' sorted order (ImageFolder's), whatever order params list.
-    ordered = found["train"]
-    return {split: scan_split(root / split, ordered) for split in SPLITS}
+    return names
+
+
+def _made_splits(root: Path, classes: Sequence[str] | None, val_fraction: float, test_fraction: float | None,
+                 seed: int) -> dict[str, SplitIndex]:
+    names = _class_dirs(root)
+    if "train" in names and "val" in names:
+        raise DataError(f"{root} holds train/ and val/ while val_fraction is set: set val_fraction: null to use "
+                        "them, or point data_dir at a folder of class folders")
+    if not names:
+        raise DataError(f"{root} has no class folders: with val_fraction set, data_dir holds one folder of images "
+                        "per class")
+    ordered = _checked_classes(root, names, classes)
+    everything = scan_split(root, ordered)
+    made = make_splits(root, ordered, everything.samples, seed, val_fraction, test_fraction)
+    return {name: SplitIndex(root, ordered, samples) for name, samples in made.items()}
 
 
 # What PIL raises for a file that is not a readable image (DecompressionBombError: over its pixel limit).
@@ -301,11 +330,38 @@ def load_dataset(
     skip_bad_images: bool = False,
     cache_dir: str | Path | None = None,
     num_workers: int = 0,
+    val_fraction: float | None = None,
+    test_fraction: float | None = None,
+    seed: int = 0,
 ) -> dict[str, DecodedSplit]:
-    """Scan, validate and decode both splits (see `decode_split`)."""
-    indexes = scan_dataset(data_dir, classes)
-    return {
-        split: decode_split(indexes[split], img_size, interpolation, cache_max_mb, skip_bad_images,
-                            cache_dir=cache_dir, num_workers=num_workers)
-        for split in SPLITS
-    }
+    """Scan, validate and decode every split (see `decode_split`): train, val and test when there is one."""
+    indexes = scan_dataset(data_dir, classes, val_fraction, test_fraction, seed)
+    return decode_splits(indexes, img_size, interpolation, cache_max_mb, skip_bad_images, cache_dir, num_workers)
+
+
+def decode_splits(indexes: dict[str, SplitIndex], img_size: int, interpolation: str, cache_max_mb: int,
+                  skip_bad_images: bool = False, cache_dir: str | Path | None = None,
+                  num_workers: int = 0) -> dict[str, DecodedSplit]:
+    """Decode each split; splits made from one folder are decoded together (one cache of that folder,
+    which a split decoded alone would prune of the others' images) and then divided."""
+    by_root: dict[Path, list[str]] = {}
+    for name, index in indexes.items():
+        by_root.setdefault(index.root, []).append(name)
+    out: dict[str, DecodedSplit] = {}
+    for root, names in by_root.items():
+        if len(names) == 1:
+            out[names[0]] = decode_split(indexes[names[0]], img_size, interpolation, cache_max_mb, skip_bad_images,
+                                         cache_dir=cache_dir, num_workers=num_workers)
+            continue
+        union = SplitIndex(root, indexes[names[0]].classes, [s for n in names for s in indexes[n].samples])
+        whole = decode_split(union, img_size, interpolation, cache_max_mb, skip_bad_images,
+                             cache_dir=cache_dir, num_workers=num_workers)
+        row_of = {path: row for row, path in enumerate(whole.paths)}
+        skipped = set(whole.skipped)
+        for n in names:
+            rows = torch.tensor([row_of[p] for p, _ in indexes[n].samples if p in row_of], dtype=torch.int64)
+            part = whole.subset(rows)
+            part.skipped = [str(p) for p, _ in indexes[n].samples if str(p) in skipped]
+            part.decoded = whole.decoded if n == names[0] else 0  # counted once
+            out[n] = part
+    return {name: out[name] for name in indexes}

@@ -20,6 +20,7 @@ from harv_train.core.augment import SEED_HFLIP, apply_augmentation, draw_augment
 from harv_train.core.data import DecodedSplit
 from harv_train.core.failpoints import failpoint
 from harv_train.core.freezing import forward_from, frozen_features, set_train_mode
+from harv_train.core.imbalance import epoch_order
 
 try:
     from tqdm import tqdm
@@ -45,6 +46,19 @@ class EpochResult:
     batches: int
     images: int
     seconds: float
+    macro_f1: float = 0.0  # computed by evaluate() only
+
+
+def macro_f1(confusion: torch.Tensor) -> float:
+    """The unweighted mean over classes of F1, from a confusion matrix (rows true, columns predicted);
+    a class never predicted or never present has F1 0, as in harv_train/reporting/metrics.py."""
+    confusion = confusion.double()
+    tp = confusion.diag()
+    precision = tp / confusion.sum(0).clamp(min=1)
+    recall = tp / confusion.sum(1).clamp(min=1)
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-300),
+                     torch.zeros_like(tp))
+    return float(f1.mean())
 
 
 @dataclass(frozen=True)
@@ -133,8 +147,11 @@ def train_one_epoch(
     trainable: Callable[[torch.Tensor], torch.Tensor] | None = None,
     prefix: nn.Module | None = None,
     recipe: Recipe = SEED_RECIPE,
+    class_weights: torch.Tensor | None = None,
+    sampler: str = "shuffle",
 ) -> EpochResult:
-    """Shuffle, augment, forward, backward, step over every training image once.
+    """Shuffle, augment, forward, backward, step over every training image once (`sampler: balanced`:
+    as many images drawn class-balanced; `class_weights` weigh the loss, see core/imbalance.py).
 
     `batch_size` is the global batch. In a data-parallel run every rank draws the same order and the
     same augmentation for each global batch and takes every `world.size`-th sample of it, so the
@@ -143,11 +160,12 @@ def train_one_epoch(
     stands in for the frozen blocks (their BatchNorm-folded copy, see freezing.fused_frozen_prefix).
     """
     start = time.perf_counter()
-    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    criterion = nn.CrossEntropyLoss(weight=None if class_weights is None else class_weights.to(pipeline.device),
+                                    label_smoothing=recipe.label_smoothing)
     set_train_mode(model, n_frozen)
     if trainable is None:  # not `or`: a compiled module refuses to be tested for truth (it has no len)
         trainable = lambda h: forward_from(model, n_frozen, h)  # noqa: E731
-    order = torch.randperm(len(data), generator=generator)
+    order = epoch_order(data.labels, generator, sampler)
     global_batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if world.size > 1:  # every rank needs a share of every step: a last batch smaller than the world is dropped
         global_batches = [b for b in global_batches if len(b) >= world.size]
@@ -235,19 +253,27 @@ def evaluate(
     correct = 0
     seen = 0
     batches = 0
+    confusion: torch.Tensor | None = None  # int64 [C, C], for the macro F1
     with torch.no_grad():
         for features, labels in feature_batches:
             # Features made under autocast are float16 or bfloat16; the rest runs in float32 here.
             logits = forward_from(model, n_frozen, features.float()).float()
             total_loss += float(criterion(logits, labels))
-            correct += int((logits.argmax(1) == labels).sum())
+            predicted = logits.argmax(1)
+            correct += int((predicted == labels).sum())
             seen += len(labels)
             batches += 1
+            n = logits.shape[1]
+            counts = torch.bincount((labels * n + predicted).cpu(), minlength=n * n).view(n, n)
+            confusion = counts if confusion is None else confusion + counts
     total_loss, correct, seen = world.sum(total_loss, correct, seen)
+    if confusion is not None and world.size > 1:
+        confusion = torch.tensor(world.sum(*confusion.flatten().tolist())).round().long().view(confusion.shape)
     return EpochResult(
         loss=total_loss / seen,
         acc=correct / seen,
         batches=batches,
         images=int(seen),
         seconds=time.perf_counter() - start,
+        macro_f1=macro_f1(confusion) if confusion is not None else 0.0,
     )

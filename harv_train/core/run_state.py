@@ -47,6 +47,7 @@ class EpochMetrics:
     val_batches: int
     is_best: bool
     stop: bool = False
+    val_macro_f1: float = 0.0  # 0.0 in checkpoints written before it was computed
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -59,7 +60,8 @@ class EpochMetrics:
 
 
 # What MLflow gets per epoch (step = epoch).
-LOGGED_EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_time_s", "val_time_s")
+LOGGED_EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "lr", "train_time_s",
+                        "val_time_s")
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,12 @@ class RunSummary:
     mlflow_run_id: str | None
     history: tuple[EpochMetrics, ...]
     stopped_early: bool
+
+    def best_score(self, select_metric: str) -> float:
+        """The best epoch's value of `select_metric` (val_acc or val_macro_f1): what the champion is compared on."""
+        if select_metric == "val_acc" or not self.best_epoch:
+            return self.best_val_acc
+        return self.history[self.best_epoch - 1].val_macro_f1
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, state: dict | None = None) -> torch.optim.Optimizer:

@@ -31,9 +31,12 @@ from harv_train.core.decoded_cache import resolve_cache_dir
 from harv_train.core.engine import (SINGLE, Pipeline, Recipe, World, evaluate, frozen_feature_batches,
                                     train_one_epoch)
 from harv_train.core.freezing import forward_from, fused_frozen_prefix
+from harv_train.core.imbalance import balanced_class_weights, class_counts
+from harv_train.core.lineage import DatasetInfo, describe_dataset
 from harv_train.core.models import model_spec
 from harv_train.core.run_state import EpochMetrics, RunState, RunSummary, step_scheduler, summary_of
 from harv_train.core.runtime import available_cores, configure_threads, epoch_seed, resolve_device
+from harv_train.core.splits import write_split_lists
 from harv_train.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -50,6 +53,8 @@ class DataSummary:
     val_counts: dict[str, int]
     skipped_images: tuple[str, ...]
     cached: bool
+    test_images: int = 0  # 0: no test split
+    test_counts: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 class TrainingSession:
@@ -76,14 +81,15 @@ class TrainingSession:
         return self.cfg.checkpoints_dir / ckpt.LAST
 
     def splits(self) -> dict[str, DecodedSplit]:
-        """The train and val images, decoded on first use (which also proves each one readable)."""
+        """The train and val images (and test's, when there is a test split), decoded on first use (which also proves each one readable)."""
         if self._splits is None:
             cfg = self.cfg
             self._splits = load_dataset(cfg.data_dir, cfg.classes, cfg.img_size, model_spec(cfg.model_name).interpolation,
-                                        cfg.cache_max_mb, cfg.skip_bad_images, cfg.cache_dir, cfg.num_workers)
-            train, val = self._splits["train"], self._splits["val"]
-            logger.info(f"Decoded images: {len(train)} train ({train.decoded} decoded now), {len(val)} val "
-                        f"({val.decoded} decoded now), cached in {resolve_cache_dir(cfg.cache_dir)}; the train split "
+                                        cfg.cache_max_mb, cfg.skip_bad_images, cfg.cache_dir, cfg.num_workers,
+                                        cfg.val_fraction, cfg.test_fraction, cfg.seed)
+            train = self._splits["train"]
+            sizes = ", ".join(f"{len(s)} {name} ({s.decoded} decoded now)" for name, s in self._splits.items())
+            logger.info(f"Decoded images: {sizes}, cached in {resolve_cache_dir(cfg.cache_dir)}; the train split "
                         + ("is held in memory" if train.cached else "is read from there batch by batch (cache_max_mb)"))
         return self._splits
 
@@ -99,16 +105,31 @@ class TrainingSession:
         return self._device_train
 
     def describe_data(self) -> DataSummary:
-        train, val = self.splits()["train"], self.splits()["val"]
+        train, val, test = self.splits()["train"], self.splits()["val"], self.splits().get("test")
         return DataSummary(
             classes=tuple(train.classes),
             train_images=len(train),
             val_images=len(val),
             train_counts=_counts(train),
             val_counts=_counts(val),
-            skipped_images=tuple(train.skipped + val.skipped),
+            skipped_images=tuple(train.skipped + val.skipped + (test.skipped if test else [])),
             cached=train.cached and val.cached,
+            test_images=len(test) if test else 0,
+            test_counts=_counts(test) if test else {},
         )
+
+    def dataset_info(self) -> DatasetInfo:
+        """The dataset as trained, for MLflow's Dataset column: name, digest of its files, sizes, class counts."""
+        splits = self.splits()
+        return describe_dataset(self.cfg.data_dir, splits["train"].classes,
+                                {n: (s.paths, s.labels.tolist()) for n, s in splits.items()})
+
+    def write_split_lists(self, out_dir: Path) -> list[Path]:
+        """`out_dir/<split>.csv`: every image of each split (path relative to data_dir, class), as trained."""
+        root = Path(self.cfg.data_dir)
+        splits = self.splits()
+        return write_split_lists(root, splits["train"].classes, {n: s.paths for n, s in splits.items()},
+                                 {n: s.labels.tolist() for n, s in splits.items()}, out_dir)
 
     def start(self, mlflow_run_id: str | None) -> RunSummary:
         """A new run: the pretrained, frozen model written as epoch 0 to last.pth."""
@@ -154,10 +175,12 @@ class TrainingSession:
             if world.rank == 0:
                 state.commit(cfg.checkpoints_dir, metrics.is_best)
                 if metrics.is_best:
-                    logger.info(f"New best model: val accuracy {metrics.val_acc:.4f} (loss {metrics.val_loss:.4f}) "
+                    logger.info(f"New best model: val accuracy {metrics.val_acc:.4f}, macro F1 {metrics.val_macro_f1:.4f} "
+                                f"(loss {metrics.val_loss:.4f}) "
                                 f"at epoch {metrics.epoch} -> {cfg.checkpoints_dir / ckpt.BEST}")
             if metrics.stop:
-                logger.info(f"Early stopping: no better model (val accuracy, then val loss) for "
+                metric = "val accuracy" if cfg.select_metric == "val_acc" else "val macro F1"
+                logger.info(f"Early stopping: no better model ({metric}, then val loss) for "
                             f"{cfg.early_stopping_patience} epochs")
             return metrics
         except BaseException:
@@ -205,7 +228,8 @@ class TrainingSession:
             trainable = self._compiled_trainable(state)
         train = train_one_epoch(model, n_frozen, state.optimizer, self.train_split(), cfg.batch_size, self.pipeline,
                                 generator, state.scaler, progress, world, trainable, prefix,
-                                Recipe(hflip=cfg.hflip, label_smoothing=cfg.label_smoothing))
+                                Recipe(hflip=cfg.hflip, label_smoothing=cfg.label_smoothing),
+                                self._class_weights(), cfg.sampler)
 
         val_start = time.perf_counter()
         features = self._val_features or self._collect_val_features(
@@ -214,15 +238,23 @@ class TrainingSession:
         val.seconds = time.perf_counter() - val_start  # includes the frozen features when computed this epoch
 
         step_scheduler(state.scheduler, val.loss)
-        is_best = state.stopper.step(val.acc, val.loss)
+        is_best = state.stopper.step(val.acc if cfg.select_metric == "val_acc" else val.macro_f1, val.loss)
         logger.info(f"Epoch {epoch + 1}/{cfg.epochs}")
         logger.info(f"Train: loss={train.loss:.4f}, accuracy={train.acc:.4f} ({train.batches} batches, {train.seconds:.1f}s)")
-        logger.info(f"Val: loss={val.loss:.4f}, accuracy={val.acc:.4f} ({val.batches} batches, {val.seconds:.1f}s)")
+        logger.info(f"Val: loss={val.loss:.4f}, accuracy={val.acc:.4f}, macro F1={val.macro_f1:.4f} "
+                    f"({val.batches} batches, {val.seconds:.1f}s)")
         return EpochMetrics(
             epoch=epoch + 1, train_loss=train.loss, train_acc=train.acc, val_loss=val.loss, val_acc=val.acc, lr=lr,
             train_time_s=train.seconds, val_time_s=val.seconds, train_batches=train.batches,
-            val_batches=val.batches, is_best=is_best, stop=state.stopper.should_stop,
+            val_batches=val.batches, is_best=is_best, stop=state.stopper.should_stop, val_macro_f1=val.macro_f1,
         )
+
+    def _class_weights(self) -> torch.Tensor | None:
+        """The loss weights of `class_weights: balanced` (inverse frequency in the train split), else None."""
+        if self.cfg.class_weights != "balanced":
+            return None
+        train = self.splits()["train"]
+        return balanced_class_weights(class_counts(train.labels, len(train.classes)))
 
     def _collect_val_features(self, batches):
         """Pass the batches through, keeping them for later epochs while they fit in cache_max_mb."""

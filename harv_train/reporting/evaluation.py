@@ -157,10 +157,11 @@ class EvalReport:
     loss: float
     files: dict[str, Path] = field(default_factory=dict)
     calibration: dict[str, float] = field(default_factory=dict)  # see calibration_metrics
+    split: str = "val"  # which split it was: val, test, train or "folder NAME"
 
     def summary(self) -> dict[str, Any]:
         """Small and JSON-able: what a Prefect task returns."""
-        return {"out_dir": str(self.out_dir), "loss": self.loss, "images": self.metrics.total,
+        return {"out_dir": str(self.out_dir), "split": self.split, "loss": self.loss, "images": self.metrics.total,
                 **self.metrics.summary(), **self.calibration, "files": {k: str(v) for k, v in self.files.items()}}
 
 
@@ -185,7 +186,8 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]])
 
 
 def write_report(out_dir: str | Path, state: dict[str, Any], predictions: Predictions,
-                 source: dict[str, Any], history: list[dict[str, Any]] | None = None) -> EvalReport:
+                 source: dict[str, Any], history: list[dict[str, Any]] | None = None,
+                 split: str = "val") -> EvalReport:
     """The report files; `history` (default: the checkpoint's own) draws the learning curves."""
     from harv_train.reporting import plots  # matplotlib is only imported by what draws
 
@@ -217,7 +219,7 @@ def write_report(out_dir: str | Path, state: dict[str, Any], predictions: Predic
     if temperature is not None:
         curves[f"temperature {float(temperature):.3g}"] = reliability_bins(torch.softmax(logits / temperature, 1), labels)
     files["reliability"] = plots.reliability_diagram(curves, out_dir / "reliability.png")
-    return EvalReport(out_dir, metrics, loss, files, calibration)
+    return EvalReport(out_dir, metrics, loss, files, calibration, split)
 
 
 def run_history(checkpoint: str | Path, state: dict[str, Any]) -> list[dict[str, Any]]:
@@ -242,24 +244,32 @@ def default_out_dir(checkpoint: str | Path, name: str) -> Path:
     return parent.parent / name if parent.name == "checkpoints" else parent / name
 
 
+def split_name(data_dir: str | Path) -> str:
+    """Which split a folder is, for the report: train, val or test by its name, else the folder's name."""
+    name = Path(data_dir).name
+    return name if name in ("train", "val", "test") else f"folder {name}"
+
+
 def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path,
                         device: str | torch.device = "cpu", cache_max_mb: int = 2048,
-                        split: DecodedSplit | None = None) -> EvalReport:
-    """Evaluate `checkpoint` on `data_dir/<class>/*` (or an already decoded `split`) into `out_dir`."""
+                        split: DecodedSplit | None = None, split_label: str | None = None) -> EvalReport:
+    """Evaluate `checkpoint` on `data_dir/<class>/*` (or an already decoded `split`) into `out_dir`;
+    the report names the split (`split_label`, default: from the folder's name)."""
     state, model = load_trained_model(checkpoint)
     if split is None:
         split = load_eval_split(state, data_dir, cache_max_mb)
     elif split.classes != list(state["classes"]):
-        raise DataError(f"the validation classes {split.classes} are not the checkpoint's {state['classes']}")
+        raise DataError(f"the {split_label or 'split'}'s classes {split.classes} are not the checkpoint's {state['classes']}")
     predictions = predict_split(model, split, state["mean"], state["std"], device=device)
-    source = {"checkpoint": str(checkpoint), "data_dir": str(data_dir), "model_name": state["model_name"],
+    label = split_label or split_name(data_dir)
+    source = {"checkpoint": str(checkpoint), "split": label, "data_dir": str(data_dir), "model_name": state["model_name"],
               "epoch": state["epoch"], "best_epoch": state.get("best_epoch"), "img_size": state["img_size"]}
-    report = write_report(out_dir, state, predictions, source, run_history(checkpoint, state))
+    report = write_report(out_dir, state, predictions, source, run_history(checkpoint, state), label)
     m = report.metrics
     c = report.calibration
     calibrated = (f", with temperature {c['temperature']:.3g}: ECE {c['ece_calibrated']:.4f}, loss {c['loss_calibrated']:.4f}"
                   if "temperature" in c else "")
-    logger.info(f"Evaluation of {checkpoint} on {m.total} images in {data_dir}: accuracy {m.accuracy:.4f}, "
+    logger.info(f"Evaluation of {checkpoint} on the {label} split, {m.total} images in {data_dir}: accuracy {m.accuracy:.4f}, "
         f"macro F1 {m.macro['f1']:.4f}, loss {report.loss:.4f}, ECE {c['ece']:.4f}{calibrated} -> {report.out_dir}")
     return report
 

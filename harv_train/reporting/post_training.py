@@ -24,6 +24,7 @@ from harv_train.reporting.export import ExportResult, export_model
 class PostTraining:
     evaluation: EvalReport
     export: ExportResult | None  # None when `export: false`
+    test: EvalReport | None = None  # None without a test split
 
 
 def calibrate_checkpoint(checkpoint: Path, val: DecodedSplit, device: torch.device | str = "cpu") -> Calibration:
@@ -37,15 +38,27 @@ def calibrate_checkpoint(checkpoint: Path, val: DecodedSplit, device: torch.devi
     return result
 
 
-def evaluate_and_export(cfg: TrainConfig, val: DecodedSplit, device: torch.device) -> PostTraining:
-    """Evaluate best_model.pth on the (already decoded) val split; export it when `cfg.export`."""
+def evaluate_and_export(cfg: TrainConfig, val: DecodedSplit, device: torch.device,
+                        test: DecodedSplit | None = None) -> PostTraining:
+    """Evaluate best_model.pth on the (already decoded) val split, and on the test split when there is
+    one (after the model was chosen: the test numbers choose nothing); export it when `cfg.export`."""
     best = cfg.checkpoints_dir / ckpt.BEST
-    report = evaluate_checkpoint(best, Path(cfg.data_dir) / "val", cfg.eval_dir, device=device, split=val)
+    report = evaluate_checkpoint(best, _split_dir(cfg, "val"), cfg.eval_dir, device=device, split=val,
+                                 split_label="val")
+    tested = None
+    if test is not None:
+        tested = evaluate_checkpoint(best, _split_dir(cfg, "test"), cfg.test_eval_dir, device=device, split=test,
+                                     split_label="test")
     exported = None
     if cfg.export:
         state, model = load_trained_model(best)
         exported = export_model(model, state, val, cfg.export_dir)
-    return PostTraining(report, exported)
+    return PostTraining(report, exported, tested)
+
+
+def _split_dir(cfg: TrainConfig, split: str) -> Path:
+    """Where the split's images are: its folder, or data_dir itself for splits made by val_fraction."""
+    return Path(cfg.data_dir) if cfg.val_fraction is not None else Path(cfg.data_dir) / split
 
 
 def table_rows(report: EvalReport) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ outage; a bug in this code raises.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -95,6 +96,12 @@ def _arm_request_failpoint() -> None:
     rest_utils._get_http_response_with_retries = send_then_failpoint
 
 
+# MLflow 3's UI opens an experiment in its GenAI view unless this tag says it trains models (the
+# values are the UI's: mlflow/server/js, ExperimentKind).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
+
 class MlflowTracker:
     def __init__(self, tracking_uri: str, experiment: str):
         # An unreachable server should fail fast, not after MLflow's default minutes of retries.
@@ -149,6 +156,8 @@ class MlflowTracker:
             experiment = client.get_experiment_by_name(self.experiment)
             self.experiment_id = experiment.experiment_id if experiment else client.create_experiment(
                 self.experiment, artifact_location=artifacts_beside_store(self.tracking_uri, self.experiment))
+            if experiment is None or EXPERIMENT_KIND_TAG not in experiment.tags:  # a kind set by hand stays
+                client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
             return client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
 
         self.run_id = self._attempt("starting the run", _start)
@@ -228,6 +237,22 @@ class MlflowTracker:
             self._attempt("setting tags", lambda: self.client().log_batch(
                 self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
 
+    def log_dataset(self, info, context: str = "training") -> None:
+        """A DatasetInfo as the run's dataset input (what mlflow.log_input logs): the runs table's
+        Dataset column shows its name and digest, its profile the split sizes and class counts."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        def _log() -> None:
+            held = self.client().get_run(self.run_id).inputs.dataset_inputs
+            if any(d.dataset.name == info.name and d.dataset.digest == info.digest for d in held):
+                return  # a resumed run logged it before
+            dataset = Dataset(name=info.name, digest=info.digest, source_type="local",
+                              source=json.dumps({"uri": info.source}), profile=info.profile_json())
+            self.client().log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
+        if self.run_id:
+            self._attempt("logging the dataset", _log)
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.run_id:
             self._attempt(f"uploading {Path(path).name}", lambda: self.client().log_artifact(
@@ -266,7 +291,7 @@ class MlflowTracker:
 
         return self._attempt("logging the model", _log) if self.run_id else None
 
-    def register_model(self, name: str, model_uri: str, val_acc: float) -> Registration | None:
+    def register_model(self, name: str, model_uri: str, val_acc: float, metric: str = "val_acc") -> Registration | None:
         """Register the run's logged model under `name`, moving `champion` only when it is better
         (harv_train.tracking.registry); returns the Registration, or None when it failed (recorded as a failure)."""
         if not self.run_id:
@@ -279,7 +304,7 @@ class MlflowTracker:
             # resumed run whose model was logged before (log_model() returns early) registered into
             # ./mlflow.db of the working directory, and failed there.
             mlflow.set_tracking_uri(self.tracking_uri)
-            return registry.register_and_promote(self.client(), name, model_uri, self.run_id, val_acc)
+            return registry.register_and_promote(self.client(), name, model_uri, self.run_id, val_acc, metric=metric)
 
         return self._attempt(f"registering the model as {name}", _register)
 
@@ -305,12 +330,13 @@ class MlflowTracker:
                 self.log_metrics(missed, "logging the summary metrics missed during the outage")
         return not self.down
 
-    def log_evaluation(self, report) -> None:
-        """An EvalReport: eval_* metrics and the report's files under evaluation/."""
-        metrics = {f"eval_{k}": v for k, v in {**report.metrics.summary(), **report.calibration}.items()}
-        self.log_metrics({**metrics, "eval_loss": report.loss}, "logging the evaluation metrics")
+    def log_evaluation(self, report, prefix: str = "eval", folder: str = "evaluation") -> None:
+        """An EvalReport: `prefix`_* metrics and the report's files under `folder`/ (the val report as
+        eval_* in evaluation/, the test report as test_* in test/)."""
+        metrics = {f"{prefix}_{k}": v for k, v in {**report.metrics.summary(), **report.calibration}.items()}
+        self.log_metrics({**metrics, f"{prefix}_loss": report.loss}, f"logging the {report.split} evaluation metrics")
         for path in report.files.values():
-            self.log_artifact(path, "evaluation")
+            self.log_artifact(path, folder)
 
     def log_export(self, result) -> None:
         """An ExportResult: parity and latency metrics and the exported files under export/."""

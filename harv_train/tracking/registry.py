@@ -25,20 +25,22 @@ CHAMPION_METRIC = "registry_champion_val_acc"
 class Registration:
     name: str
     version: str
-    val_acc: float
+    val_acc: float  # the value of `metric` compared (val accuracy unless select_metric says otherwise)
     previous_version: str | None  # the champion before this registration, if any
-    previous_val_acc: float | None
+    previous_val_acc: float | None  # the champion's value of `metric`
     promoted: bool
+    metric: str = "val_acc"
 
     def summary(self) -> str:
+        label = "val accuracy" if self.metric == "val_acc" else self.metric.replace("_", " ")
         before = (
             "no champion before"
             if self.previous_version is None
             else f"champion was version {self.previous_version} "
-            f"(val accuracy {_fmt(self.previous_val_acc)})"
+            f"({label} {_fmt(self.previous_val_acc)})"
         )
         verdict = f"now @{CHAMPION}" if self.promoted else f"@{CHAMPION} unchanged"
-        return (f"Registered {self.name} version {self.version} (val accuracy {self.val_acc:.4f}); "
+        return (f"Registered {self.name} version {self.version} ({label} {self.val_acc:.4f}); "
                 f"{before}; {verdict}")
 
 
@@ -82,18 +84,19 @@ def current_champion(client, name: str, alias: str = CHAMPION):
     return None if version is None else client.get_model_version(name, str(version))
 
 
-def version_val_acc(client, version) -> float | None:
-    """A version's validation accuracy: its tag, else its training run's best_val_acc, else None."""
-    tagged = (version.tags or {}).get(VAL_ACC_TAG)
+def version_val_acc(client, version, metric: str = VAL_ACC_TAG) -> float | None:
+    """A version's value of `metric` (val_acc, val_macro_f1): its tag, else its training run's
+    best_<metric>, else None."""
+    tagged = (version.tags or {}).get(metric)
     if tagged is not None:
         try:
             return float(tagged)
         except ValueError:
             pass
     if version.run_id:
-        metric = client.get_run(version.run_id).data.metrics.get(RUN_VAL_ACC_METRIC)
-        if metric is not None:
-            return float(metric)
+        value = client.get_run(version.run_id).data.metrics.get(f"best_{metric}")
+        if value is not None:
+            return float(value)
     return None
 
 
@@ -119,10 +122,12 @@ def _tag_or_none(tags: dict[str, str], key: str) -> str | None:
 
 
 def register_and_promote(
-    client, name: str, model_uri: str, run_id: str, val_acc: float, alias: str = CHAMPION
+    client, name: str, model_uri: str, run_id: str, val_acc: float, alias: str = CHAMPION, metric: str = VAL_ACC_TAG
 ) -> Registration:
     """Register `model_uri` (logged by run `run_id`) as a new version of `name`; move `alias` to it
-    when `val_acc` beats the current holder's. Records both accuracies on the run and the version.
+    when `val_acc`, its value of `metric` (select_metric: val_acc or val_macro_f1), beats the current
+    holder's value of the same metric. Records both values on the run and the version; the names are
+    the val_acc ones for val_acc, with the metric's name in them otherwise.
 
     Safe to repeat (a resumed run): a model registered before is not registered again, and a
     decision is made once. Its inputs are tagged on the version before the alias moves and
@@ -132,15 +137,15 @@ def register_and_promote(
     if version is None:
         version = client.create_model_version(
             name, source=model_uri, run_id=run_id, model_id=_model_id(model_uri),
-            tags={VAL_ACC_TAG: repr(float(val_acc))},
+            tags={metric: repr(float(val_acc))},
         )
-    before_key, acc_before_key = f"{alias}_version_before", f"{alias}_val_acc_before"
+    before_key, acc_before_key = f"{alias}_version_before", f"{alias}_{metric}_before"
     if "promoted" in version.tags:  # decided before: read back, move nothing (the alias may have moved on since)
         acc = _tag_or_none(version.tags, acc_before_key)
         return Registration(name=name, version=str(version.version), val_acc=float(val_acc),
                             previous_version=_tag_or_none(version.tags, before_key),
                             previous_val_acc=None if acc is None else float(acc),
-                            promoted=version.tags["promoted"] == "true")
+                            promoted=version.tags["promoted"] == "true", metric=metric)
     if before_key in version.tags:
         previous_version = _tag_or_none(version.tags, before_key)
         acc = _tag_or_none(version.tags, acc_before_key)
@@ -148,7 +153,7 @@ def register_and_promote(
     else:
         previous = current_champion(client, name, alias)
         previous_version = None if previous is None else str(previous.version)
-        previous_acc = version_val_acc(client, previous) if previous is not None else None
+        previous_acc = version_val_acc(client, previous, metric) if previous is not None else None
         client.set_model_version_tag(name, version.version, acc_before_key,
                                      "none" if previous_acc is None else repr(previous_acc))
         client.set_model_version_tag(name, version.version, before_key, previous_version or "none")
@@ -156,9 +161,9 @@ def register_and_promote(
     if promoted:
         client.set_registered_model_alias(name, alias, version.version)
 
-    metrics = {CANDIDATE_METRIC: float(val_acc)}
+    metrics = {CANDIDATE_METRIC.replace("val_acc", metric): float(val_acc)}
     if previous_acc is not None:
-        metrics[CHAMPION_METRIC] = previous_acc
+        metrics[CHAMPION_METRIC.replace("val_acc", metric)] = previous_acc
     log_summary(client, run_id, metrics, tags={
         "registry.model": name,
         "registry.version": str(version.version),
@@ -173,6 +178,7 @@ def register_and_promote(
         previous_version=previous_version,
         previous_val_acc=previous_acc,
         promoted=promoted,
+        metric=metric,
     )
 
 
