@@ -57,9 +57,10 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.exceptions import ExternalSignal
+from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 from prefect.states import Completed, Failed
 
-from harv_train.cli.commands import run_flow_command
+from harv_train.cli.commands import EXIT_ORCHESTRATOR_UNREACHABLE, end_now, run_flow_command
 from harv_train.cli.startup import EarlyServer, flow_server
 from harv_train.config import ParamOverrides, TrainConfig, load_config, write_params_file
 from harv_train.core import checkpoints as ckpt
@@ -71,8 +72,9 @@ from harv_train.core.session import DataSummary, TrainingSession
 from harv_train.errors import UserError
 from harv_train.reporting.summary import epochs_markdown
 from harv_train.tracking.mlflow_tracker import MlflowTracker
-from tasks.evaluation import evaluate_and_export_task
+from tasks.evaluation import evaluate_and_export_task, publish_export, publish_table
 from tasks.logs import library_logs_in_run
+from tasks.orchestrator import API_ERRORS, CALL_RETRIES, OrchestratorLink
 from tasks.training import (
     final_checkpoint_task,
     load_data_task,
@@ -90,7 +92,9 @@ def train_flow(params_file: str | None = "params.yaml", overrides: ParamOverride
 
     `params_file` is the base (none: the documented defaults); each field set in `overrides` replaces
     its value. A field left empty keeps the file's value."""
-    with library_logs_in_run("[train]"):
+    # The Prefect API may go away mid-run; training does not wait for it (tasks/orchestrator.py).
+    link = OrchestratorLink.current()
+    with library_logs_in_run("[train]"), link.quiet_while_down():
         try:
             cfg = load_config(params_file, overrides)
             with artifacts_lock(cfg.artifacts_dir):
@@ -99,21 +103,22 @@ def train_flow(params_file: str | None = "params.yaml", overrides: ParamOverride
                 # Before anything is written or opened (checkpoints moved aside, an MLflow run): a
                 # deployment's bad input ends like the command line's.
                 check_inputs(cfg, resume, list(data.classes))
-                return _train(cfg, session, data, resume)
+                link.final_state = _train(cfg, session, data, resume, link)
         except UserError as exc:
             # Bad input ends the run with its one-line message, not a traceback.
             get_run_logger().error(f"[train] error: {exc}")
-            return Failed(message=str(exc))
+            link.final_state = Failed(message=str(exc))
+        return link.final_state
 
 
-def _train(cfg: TrainConfig, session: TrainingSession, data: DataSummary, resume: bool):
+def _train(cfg: TrainConfig, session: TrainingSession, data: DataSummary, resume: bool, link: OrchestratorLink):
     started = time.perf_counter()
     logger.info(f"Device: {session.device}, {configure_threads(cfg.threads)} threads")
     tracker = MlflowTracker(cfg.mlflow_tracking_uri, cfg.mlflow_experiment)
     previous_run = ckpt.load_checkpoint(session.last_path).get("mlflow_run_id") if resume else None
     tracker.start(previous_run, runtime.flow_run.name, _tags())
     try:
-        summary = _train_tracked(cfg, session, data, resume, tracker, previous_run)
+        summary = _train_tracked(cfg, session, data, resume, tracker, previous_run, link)
     except BaseException as exc:
         # The MLflow run shows how the flow run ended (--resume reopens it): stopped from outside (Ctrl-C,
         # SIGTERM from a scheduler, which Prefect raises as TerminationSignal) or failed. A SIGKILL
@@ -121,7 +126,13 @@ def _train(cfg: TrainConfig, session: TrainingSession, data: DataSummary, resume
         tracker.end("KILLED" if isinstance(exc, (KeyboardInterrupt, ExternalSignal)) else "FAILED")
         raise
     logger.info(f"Total time: {time.perf_counter() - started:.1f}s")
-    _publish_summary(cfg, tracker, summary)
+    _publish_summary(cfg, tracker, summary, link)
+    outage = ""
+    if link.was_unreachable:
+        # A short, bounded wait: if the API is back by then, this flow run's final state reaches it.
+        link.wait_until_back(cfg.prefect_outage_wait_s)
+        outage = f"; {link.summary()}"
+        tracker.set_tags({"harv_train.orchestrator_unreachable": link.summary()})
     if tracker.down:
         # Visible, not silent: the run fails, and --resume logs what is missing once MLflow is back.
         retry = "the credentials are set" if tracker.auth_refused else f"{cfg.mlflow_tracking_uri} is reachable"
@@ -134,11 +145,11 @@ def _train(cfg: TrainConfig, session: TrainingSession, data: DataSummary, resume
         logger.warning(f"WARNING: MLflow failed {len(tracker.failures)} time(s) during the run; "
                        "everything missed was logged at the end")
     tracker.end("FINISHED")
-    return Completed(message=f"best val accuracy {summary.best_val_acc:.4f}", data=summary)
+    return Completed(message=f"best val accuracy {summary.best_val_acc:.4f}{outage}", data=summary)
 
 
 def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary, resume: bool,
-                   tracker: MlflowTracker, previous_run: str | None) -> RunSummary:
+                   tracker: MlflowTracker, previous_run: str | None, link: OrchestratorLink) -> RunSummary:
     if tracker.run_id:
         if previous_run:
             tracker.set_tags(_tags())  # the run now continues under this flow run
@@ -153,7 +164,7 @@ def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary
         tracker.log_epochs(history)  # epochs a killed run finished but never logged
     epoch_task = train_epoch_task.with_options(retries=cfg.epoch_retries, retry_delay_seconds=1)
     stopped = summary.stopped_early
-    progress = _progress(None, 100.0 if stopped else 100 * summary.epoch / cfg.epochs,
+    progress = _progress(link, None, 100.0 if stopped else 100 * summary.epoch / cfg.epochs,
                          f"{summary.epoch} of {cfg.epochs} epochs done")
     for epoch in range(summary.epoch, cfg.epochs):
         if stopped:
@@ -162,7 +173,7 @@ def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary
         history.append(metrics)
         tracker.log_epochs(history)
         stopped = metrics.stop
-        _progress(progress, 100.0 if stopped else 100 * metrics.epoch / cfg.epochs,
+        _progress(link, progress, 100.0 if stopped else 100 * metrics.epoch / cfg.epochs,
                   f"Epoch {metrics.epoch} of {cfg.epochs}: val accuracy {metrics.val_acc:.4f}"
                   + (", stopped early" if stopped else ""))
 
@@ -172,6 +183,9 @@ def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary
     _log_run(cfg, tracker, summary, params_copy)
     # Report, plots and export of best_model.pth, logged to the same MLflow run when it is reachable.
     post = evaluate_and_export_task(session)
+    link.record("the evaluation artifact", lambda: publish_table(post.evaluation, f"{cfg.data_dir}/val"))
+    if post.export:
+        link.record("the export artifact", lambda: publish_export(post.export))
     if not tracker.down:
         tracker.log_evaluation(post.evaluation)
         if post.export:
@@ -210,29 +224,28 @@ def _log_run(cfg: TrainConfig, tracker: MlflowTracker, summary: RunSummary, para
             logger.info(registration.summary())
 
 
-def _progress(artifact_id, percent: float, description: str):
+def _progress(link: OrchestratorLink, artifact_id, percent: float, description: str):
     """Create (artifact_id None) or update the run's `training-progress` artifact, which the Prefect UI
-    shows while the run trains; returns its id. Only a view: a Prefect API failure here is logged."""
-    try:
-        if artifact_id is None:
-            return create_progress_artifact(percent, key="training-progress", description=description)
-        update_progress_artifact(artifact_id, percent, description=description)
-    except Exception as exc:
-        logger.warning(f"WARNING: the Prefect progress artifact was not updated ({type(exc).__name__}: {exc})")
+    shows while the run trains; returns its id. Only a view: skipped while the Prefect API is away."""
+    if artifact_id is None:
+        return link.record("the progress artifact", lambda: create_progress_artifact(
+            percent, key="training-progress", description=description))
+    link.record("the progress artifact", lambda: update_progress_artifact(artifact_id, percent, description=description))
     return artifact_id
 
 
-def _publish_summary(cfg: TrainConfig, tracker: MlflowTracker, summary: RunSummary) -> None:
+def _publish_summary(cfg: TrainConfig, tracker: MlflowTracker, summary: RunSummary, link: OrchestratorLink) -> None:
     """The run's Prefect artifacts: the per-epoch table and the link to its MLflow run."""
     url = tracker.run_url()
-    create_markdown_artifact(
+    link.record("the summary artifact", lambda: create_markdown_artifact(
         key="training-summary",
         markdown=epochs_markdown(summary, cfg, tracker.run_id, url, tracker.failures),
         description="Per-epoch metrics of this training run",
-    )
+    ))
     if url:
-        create_link_artifact(key="mlflow-run", link=url, link_text="MLflow run",
-                             description=f"MLflow run {tracker.run_id} ({cfg.mlflow_tracking_uri})")
+        link.record("the MLflow link artifact", lambda: create_link_artifact(
+            key="mlflow-run", link=url, link_text="MLflow run",
+            description=f"MLflow run {tracker.run_id} ({cfg.mlflow_tracking_uri})"))
 
 
 def _tags() -> dict[str, str]:
@@ -246,18 +259,44 @@ def _tags() -> dict[str, str]:
 def main(argv: list[str] | None = None, early_server: EarlyServer | None = None) -> int:
     args = parse_args(argv)
 
+    links: list[OrchestratorLink] = []
+
     def start():
         cfg = load_command_line_config(args)
         # Check the inputs before the flow begins: bad input shows one line, no traceback, and no flow run.
         with artifacts_lock(cfg.artifacts_dir):
             check_inputs(cfg, args.resume)
             with flow_server(early_server):
-                # The resolved params whole, on no base file: the flow run records exactly what it trains
-                # with, and a --set to null survives (an empty field of ParamOverrides means "unset").
-                return train_flow(params_file=None, overrides=ParamOverrides.model_validate(cfg.to_dict()),
-                                  resume=args.resume, return_state=True)
+                link = OrchestratorLink.from_settings()
+                links.append(link)
+                # The engine's own calls (the flow run's states) retry 2 s then 4 s, not Prefect's
+                # default 5 times up to 32 s: the flow itself waits for an API that went away.
+                with link.in_use(), link.quiet_while_down(), temporary_settings(
+                        updates={PREFECT_CLIENT_MAX_RETRIES: CALL_RETRIES}):
+                    try:
+                        # The resolved params whole, on no base file: the flow run records exactly what it
+                        # trains with, and a --set to null survives (an empty field of ParamOverrides
+                        # means "unset").
+                        return train_flow(params_file=None, overrides=ParamOverrides.model_validate(cfg.to_dict()),
+                                          resume=args.resume, return_state=True)
+                    except API_ERRORS:
+                        if link.final_state is None:  # the flow never ended: not an outage at the end
+                            raise
+                        return link.final_state  # the flow ended, but Prefect could not be told
 
-    return run_flow_command(start)[0]
+    code = run_flow_command(start)[0]
+    link = links[0] if links else None
+    if link is None or not link.was_unreachable:
+        return code
+    if not link.down:
+        print(f"[train] warning: {link.summary()} during this run; its Prefect records of that time are "
+              "missing, MLflow has the whole run", file=sys.stderr, flush=True)
+        return code
+    print(f"[train] warning: {link.summary()}: this flow run's final state did not reach it (the Prefect UI "
+          "shows the run Running); training, checkpoints and MLflow are complete (docs/failures.md)",
+          file=sys.stderr, flush=True)
+    # Prefect's queues of log lines and events would retry the absent API at exit for minutes.
+    end_now(EXIT_ORCHESTRATOR_UNREACHABLE if code == 0 else code)
 
 
 if __name__ == "__main__":

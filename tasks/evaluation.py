@@ -13,13 +13,13 @@ from harv_train.reporting.export import LATENCY_RUNS, ExportResult, export_check
 from harv_train.reporting.post_training import PostTraining, evaluate_and_export, table_rows
 
 
-def _publish_table(report: EvalReport, where: str) -> None:
+def publish_table(report: EvalReport, where: str) -> None:
     create_table_artifact(key="evaluation-report", table=table_rows(report),
                           description=f"Per-class precision, recall, F1 and support; accuracy "
                                       f"{report.metrics.accuracy:.4f} ({where})")
 
 
-def _publish_export(result: ExportResult) -> None:
+def publish_export(result: ExportResult) -> None:
     summary = result.summary()
     diffs = ", ".join(f"{k} {v:.1e}" for k, v in summary["parity"]["max_abs_diff"].items())
     latency = ", ".join(f"{k} {v:.2f} ms" for k, v in summary["latency_ms"].items())
@@ -36,7 +36,7 @@ def _publish_export(result: ExportResult) -> None:
 def evaluate_task(checkpoint: str, data: str, out: str) -> EvalReport:
     configure_threads(0)
     report = evaluate_checkpoint(checkpoint, data, out)
-    _publish_table(report, data)
+    publish_table(report, data)
     return report
 
 
@@ -44,18 +44,15 @@ def evaluate_task(checkpoint: str, data: str, out: str) -> EvalReport:
 def export_task(checkpoint: str, data: str, out: str, latency_runs: int = LATENCY_RUNS) -> ExportResult:
     configure_threads(0)
     result = export_checkpoint(checkpoint, data, out, latency_runs=latency_runs)
-    _publish_export(result)
+    publish_export(result)
     return result
 
 
 @task(name="evaluate-and-export", cache_policy=NO_CACHE)
 def evaluate_and_export_task(session: TrainingSession) -> PostTraining:
     """The training flow's last step: report and export of best_model.pth, on the val images the
-    session has already decoded."""
+    session has already decoded. The flow publishes the result (publish_table, publish_export) when
+    the Prefect API answers: the export never waits on it."""
     cfg = session.cfg
     configure_threads(cfg.threads)
-    result = evaluate_and_export(cfg, session.splits()["val"], session.device)
-    _publish_table(result.evaluation, f"{cfg.data_dir}/val")
-    if result.export:
-        _publish_export(result.export)
-    return result
+    return evaluate_and_export(cfg, session.splits()["val"], session.device)
