@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Annotated
 
 # Prefect's temporary server sends usage telemetry in the background; with no network it only
 # fails noisily (and can race the flow for its SQLite database). Opt back in by setting it.
@@ -50,6 +51,7 @@ if __name__ == "__main__":  # first: bad arguments answer in 0.1 s; the server b
 import logging
 
 from prefect import flow, get_run_logger, runtime
+from pydantic import Field
 from prefect.artifacts import (
     create_link_artifact,
     create_markdown_artifact,
@@ -72,6 +74,7 @@ from harv_train.core.session import DataSummary, TrainingSession
 from harv_train.errors import UserError
 from harv_train.reporting.summary import epochs_markdown
 from harv_train.tracking.mlflow_tracker import MlflowTracker
+from tasks.crash_resume import plan_crash_resume
 from tasks.evaluation import evaluate_and_export_task, publish_export, publish_table
 from tasks.logs import library_logs_in_run
 from tasks.orchestrator import API_ERRORS, CALL_RETRIES, OrchestratorLink
@@ -87,15 +90,25 @@ logger = logging.getLogger("harv_train.flows.train")
 
 
 @flow(name="train", log_prints=True)
-def train_flow(params_file: str | None = "params.yaml", overrides: ParamOverrides | None = None, resume: bool = False):
+def train_flow(params_file: str | None = "params.yaml", overrides: ParamOverrides | None = None, resume: bool = False,
+               resume_after_crash: str | None = None,
+               max_crash_resumes: Annotated[int, Field(ge=0, le=100)] = 3):
     """Fine-tune an ImageNet model on an ImageFolder dataset.
 
     `params_file` is the base (none: the documented defaults); each field set in `overrides` replaces
-    its value. A field left empty keeps the file's value."""
+    its value. A field left empty keeps the file's value. `resume_after_crash` (set by the deployment's
+    trigger on a Crashed run, docs/deployments.md) resumes that run with its own params, at most
+    `max_crash_resumes` times in a row."""
     # The Prefect API may go away mid-run; training does not wait for it (tasks/orchestrator.py).
     link = OrchestratorLink.current()
     with library_logs_in_run("[train]"), link.quiet_while_down():
         try:
+            if resume_after_crash:
+                plan = plan_crash_resume(resume_after_crash, max_crash_resumes)
+                get_run_logger().info(f"[train] automatic resume {plan.attempt} of at most {plan.max_crash_resumes}: "
+                                      f"flow run {plan.crashed_run} crashed")
+                params_file, resume = plan.params_file, True
+                overrides = None if plan.overrides is None else ParamOverrides.model_validate(plan.overrides)
             cfg = load_config(params_file, overrides)
             with artifacts_lock(cfg.artifacts_dir):
                 session = TrainingSession(cfg)
