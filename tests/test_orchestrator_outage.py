@@ -92,3 +92,41 @@ def test_a_prefect_server_stopped_and_restarted_mid_run_leaves_a_finished_traini
     assert mlflow_run.info.status == "FINISHED"
     assert "was unreachable for" in mlflow_run.data.tags["harv_train.orchestrator_unreachable"]
     assert [m.step for m in mlflow.get_metric_history(mlflow_run.info.run_id, "val_acc")] == [1, 2, 3]
+
+
+def test_a_prefect_server_gone_until_the_end_leaves_a_finished_training_and_exit_code_3(tmp_path):
+    """Never back: the run still trains, evaluates and finishes its MLflow run, then says in its last
+    line that Prefect never heard the end (exit 3), without waiting out Prefect's queues."""
+    data = write_image_folder(tmp_path / "data", n_train=30, n_val=4)
+    cfg = load_config(None, {
+        "model_name": "mobilenet_v3_small", "pretrained": False, "img_size": 32, "epochs": 2, "batch_size": 4,
+        "classes": None, "data_dir": str(data), "artifacts_dir": str(tmp_path / "artifacts"), "num_workers": 0,
+        "mlflow_tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "mlflow_experiment": "outage",
+        "export": False, "threads": 1, "prefect_outage_wait_s": 0,
+    })
+    params = tmp_path / "params.yaml"
+    write_params_file(cfg, params)
+    home, log = tmp_path / "prefect-home", tmp_path / "run.log"
+    with contextlib.ExitStack() as server:
+        api_url = server.enter_context(prefect_server(home))
+        with open(log, "w") as out:
+            run = subprocess.Popen([sys.executable, "flows/train_flow.py", "--params", str(params)], cwd=REPO,
+                                   env=prefect_env(home, api_url), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            _wait_for(lambda: _epochs_done(cfg) >= 1, "a first epoch", run, log)
+            server.close()
+            code = run.wait(timeout=300)
+        finally:
+            run.kill()
+            run.wait()
+    output = log.read_text()
+
+    assert code == 3, output[-3000:]
+    assert output.count(GONE) == 1 and BACK not in output, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert "final state did not reach it" in output.strip().splitlines()[-1]
+    assert _epochs_done(cfg) == 2 and (cfg.eval_dir / "report.json").is_file()
+    mlflow = MlflowClient(cfg.mlflow_tracking_uri)
+    [mlflow_run] = mlflow.search_runs([mlflow.get_experiment_by_name("outage").experiment_id])
+    assert mlflow_run.info.status == "FINISHED"
+    assert "has been unreachable since" in mlflow_run.data.tags["harv_train.orchestrator_unreachable"]
