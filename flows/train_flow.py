@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Annotated
 
 # Prefect's temporary server sends usage telemetry in the background; with no network it only
 # fails noisily (and can race the flow for its SQLite database). Opt back in by setting it.
@@ -50,6 +51,7 @@ if __name__ == "__main__":  # first: bad arguments answer in 0.1 s; the server b
 import logging
 
 from prefect import flow, get_run_logger, runtime
+from pydantic import Field
 from prefect.artifacts import (
     create_link_artifact,
     create_markdown_artifact,
@@ -57,9 +59,10 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.exceptions import ExternalSignal
+from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 from prefect.states import Completed, Failed
 
-from harv_train.cli.commands import run_flow_command
+from harv_train.cli.commands import EXIT_ORCHESTRATOR_UNREACHABLE, end_now, run_flow_command
 from harv_train.cli.startup import EarlyServer, flow_server
 from harv_train.config import ParamOverrides, TrainConfig, load_config, write_params_file
 from harv_train.core import checkpoints as ckpt
@@ -73,8 +76,10 @@ from harv_train.errors import UserError
 from harv_train.reporting.summary import epochs_markdown
 from harv_train.sweep.trial import SweepTrial
 from harv_train.tracking.mlflow_tracker import MlflowTracker
-from tasks.evaluation import calibrate_task, evaluate_and_export_task
+from tasks.crash_resume import plan_crash_resume
+from tasks.evaluation import calibrate_task, evaluate_and_export_task, publish_export, publish_table
 from tasks.logs import library_logs_in_run
+from tasks.orchestrator import API_ERRORS, CALL_RETRIES, OrchestratorLink
 from tasks.training import (
     final_checkpoint_task,
     load_data_task,
@@ -88,15 +93,27 @@ logger = logging.getLogger("harv_train.flows.train")
 
 @flow(name="train", log_prints=True)
 def train_flow(params_file: str | None = "params.yaml", overrides: ParamOverrides | None = None, resume: bool = False,
+               resume_after_crash: str | None = None,
+               max_crash_resumes: Annotated[int, Field(ge=0, le=100)] = 3,
                sweep_trial: SweepTrial | None = None, run_tags: dict[str, str] | None = None):
     """Fine-tune an ImageNet model on an ImageFolder dataset.
 
     `params_file` is the base (none: the documented defaults); each field set in `overrides` replaces
-    its value. A field left empty keeps the file's value. A sweep (flows/sweep_flow.py) sets
-    `sweep_trial`, the Optuna trial each epoch's val_acc is reported to (its pruner may end the run
-    early, state Pruned), and `run_tags`, added to the MLflow run (its parent run)."""
-    with library_logs_in_run("[train]"):
+    its value. A field left empty keeps the file's value. `resume_after_crash` (set by the deployment's
+    trigger on a Crashed run, docs/deployments.md) resumes that run with its own params, at most
+    `max_crash_resumes` times in a row. A sweep (flows/sweep_flow.py) sets `sweep_trial`, the Optuna
+    trial each epoch's val_acc is reported to (its pruner may end the run early, state Pruned), and
+    `run_tags`, added to the MLflow run (its parent run)."""
+    # The Prefect API may go away mid-run; training does not wait for it (tasks/orchestrator.py).
+    link = OrchestratorLink.current()
+    with library_logs_in_run("[train]"), link.quiet_while_down():
         try:
+            if resume_after_crash:
+                plan = plan_crash_resume(resume_after_crash, max_crash_resumes)
+                get_run_logger().info(f"[train] automatic resume {plan.attempt} of at most {plan.max_crash_resumes}: "
+                                      f"flow run {plan.crashed_run} crashed")
+                params_file, resume = plan.params_file, True
+                overrides = None if plan.overrides is None else ParamOverrides.model_validate(plan.overrides)
             cfg = load_config(params_file, overrides)
             with artifacts_lock(cfg.artifacts_dir):
                 session = TrainingSession(cfg)
@@ -104,14 +121,15 @@ def train_flow(params_file: str | None = "params.yaml", overrides: ParamOverride
                 # Before anything is written or opened (checkpoints moved aside, an MLflow run): a
                 # deployment's bad input ends like the command line's.
                 check_inputs(cfg, resume, list(data.classes))
-                return _train(cfg, session, data, resume, sweep_trial, run_tags or {})
+                link.final_state = _train(cfg, session, data, resume, link, sweep_trial, run_tags or {})
         except UserError as exc:
             # Bad input ends the run with its one-line message, not a traceback.
             get_run_logger().error(f"[train] error: {exc}")
-            return Failed(message=str(exc))
+            link.final_state = Failed(message=str(exc))
+        return link.final_state
 
 
-def _train(cfg: TrainConfig, session: TrainingSession, data: DataSummary, resume: bool,
+def _train(cfg: TrainConfig, session: TrainingSession, data: DataSummary, resume: bool, link: OrchestratorLink,
            sweep_trial: SweepTrial | None, run_tags: dict[str, str]):
     started = time.perf_counter()
     logger.info(f"Device: {session.device}, {configure_threads(cfg.threads)} threads")
@@ -119,7 +137,8 @@ def _train(cfg: TrainConfig, session: TrainingSession, data: DataSummary, resume
     previous_run = ckpt.load_checkpoint(session.last_path).get("mlflow_run_id") if resume else None
     tracker.start(previous_run, runtime.flow_run.name, _tags(run_tags))
     try:
-        summary, pruned_at = _train_tracked(cfg, session, data, resume, tracker, previous_run, sweep_trial, run_tags)
+        summary, pruned_at = _train_tracked(cfg, session, data, resume, tracker, previous_run, link, sweep_trial,
+                                            run_tags)
     except BaseException as exc:
         # The MLflow run shows how the flow run ended (--resume reopens it): stopped from outside (Ctrl-C,
         # SIGTERM from a scheduler, which Prefect raises as TerminationSignal) or failed. A SIGKILL
@@ -127,7 +146,13 @@ def _train(cfg: TrainConfig, session: TrainingSession, data: DataSummary, resume
         tracker.end("KILLED" if isinstance(exc, (KeyboardInterrupt, ExternalSignal)) else "FAILED")
         raise
     logger.info(f"Total time: {time.perf_counter() - started:.1f}s")
-    _publish_summary(cfg, tracker, summary)
+    _publish_summary(cfg, tracker, summary, link)
+    outage = ""
+    if link.was_unreachable:
+        # A short, bounded wait: if the API is back by then, this flow run's final state reaches it.
+        link.wait_until_back(cfg.prefect_outage_wait_s)
+        outage = f"; {link.summary()}"
+        tracker.set_tags({"harv_train.orchestrator_unreachable": link.summary()})
     if tracker.down:
         # Visible, not silent: the run fails, and --resume logs what is missing once MLflow is back.
         retry = "the credentials are set" if tracker.auth_refused else f"{cfg.mlflow_tracking_uri} is reachable"
@@ -143,14 +168,14 @@ def _train(cfg: TrainConfig, session: TrainingSession, data: DataSummary, resume
         tracker.set_tags({"sweep.pruned": "true", "sweep.pruned_at_epoch": str(pruned_at)})
         tracker.end("FINISHED")
         return Completed(name="Pruned", data=summary, message=(
-            f"pruned by the sweep after epoch {pruned_at}; best val accuracy {summary.best_val_acc:.4f}"))
+            f"pruned by the sweep after epoch {pruned_at}; best val accuracy {summary.best_val_acc:.4f}{outage}"))
     tracker.end("FINISHED")
-    return Completed(message=f"best val accuracy {summary.best_val_acc:.4f}", data=summary)
+    return Completed(message=f"best val accuracy {summary.best_val_acc:.4f}{outage}", data=summary)
 
 
 def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary, resume: bool,
-                   tracker: MlflowTracker, previous_run: str | None, sweep_trial: SweepTrial | None,
-                   run_tags: dict[str, str]) -> tuple[RunSummary, int | None]:
+                   tracker: MlflowTracker, previous_run: str | None, link: OrchestratorLink,
+                   sweep_trial: SweepTrial | None, run_tags: dict[str, str]) -> tuple[RunSummary, int | None]:
     """The run's summary, and the epoch after which the sweep's pruner stopped it (None: not pruned)."""
     if tracker.run_id:
         if previous_run:
@@ -172,7 +197,7 @@ def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary
     epoch_task = train_epoch_task.with_options(retries=cfg.epoch_retries, retry_delay_seconds=1)
     stopped = summary.stopped_early
     pruned_at = None
-    progress = _progress(None, 100.0 if stopped else 100 * summary.epoch / cfg.epochs,
+    progress = _progress(link, None, 100.0 if stopped else 100 * summary.epoch / cfg.epochs,
                          f"{summary.epoch} of {cfg.epochs} epochs done")
     for epoch in range(summary.epoch, cfg.epochs):
         if stopped:
@@ -183,7 +208,7 @@ def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary
         stopped = metrics.stop
         if sweep_trial is not None and _report_to_sweep(sweep_trial, metrics, may_prune=metrics.epoch < cfg.epochs):
             stopped = pruned_at = metrics.epoch
-        _progress(progress, 100.0 if stopped else 100 * metrics.epoch / cfg.epochs,
+        _progress(link, progress, 100.0 if stopped else 100 * metrics.epoch / cfg.epochs,
                   f"Epoch {metrics.epoch} of {cfg.epochs}: val accuracy {metrics.val_acc:.4f}"
                   + (", stopped early" if stopped else ""))
 
@@ -201,6 +226,11 @@ def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary
                              "val_nll_calibrated": calibration.nll_after}, "logging the calibration")
     # Report, plots and export of best_model.pth, logged to the same MLflow run when it is reachable.
     post = evaluate_and_export_task(session)
+    link.record("the evaluation artifact", lambda: publish_table(post.evaluation, f"{cfg.data_dir}: val split"))
+    if post.test:
+        link.record("the test artifact", lambda: publish_table(post.test, f"{cfg.data_dir}: test split", "test-report"))
+    if post.export:
+        link.record("the export artifact", lambda: publish_export(post.export))
     if not tracker.down:
         tracker.log_evaluation(post.evaluation)
         if post.test:  # reported only: best epoch and champion were decided on val before this
@@ -269,29 +299,28 @@ def _log_run(cfg: TrainConfig, session: TrainingSession, tracker: MlflowTracker,
             logger.info(registration.summary())
 
 
-def _progress(artifact_id, percent: float, description: str):
+def _progress(link: OrchestratorLink, artifact_id, percent: float, description: str):
     """Create (artifact_id None) or update the run's `training-progress` artifact, which the Prefect UI
-    shows while the run trains; returns its id. Only a view: a Prefect API failure here is logged."""
-    try:
-        if artifact_id is None:
-            return create_progress_artifact(percent, key="training-progress", description=description)
-        update_progress_artifact(artifact_id, percent, description=description)
-    except Exception as exc:
-        logger.warning(f"WARNING: the Prefect progress artifact was not updated ({type(exc).__name__}: {exc})")
+    shows while the run trains; returns its id. Only a view: skipped while the Prefect API is away."""
+    if artifact_id is None:
+        return link.record("the progress artifact", lambda: create_progress_artifact(
+            percent, key="training-progress", description=description))
+    link.record("the progress artifact", lambda: update_progress_artifact(artifact_id, percent, description=description))
     return artifact_id
 
 
-def _publish_summary(cfg: TrainConfig, tracker: MlflowTracker, summary: RunSummary) -> None:
+def _publish_summary(cfg: TrainConfig, tracker: MlflowTracker, summary: RunSummary, link: OrchestratorLink) -> None:
     """The run's Prefect artifacts: the per-epoch table and the link to its MLflow run."""
     url = tracker.run_url()
-    create_markdown_artifact(
+    link.record("the summary artifact", lambda: create_markdown_artifact(
         key="training-summary",
         markdown=epochs_markdown(summary, cfg, tracker.run_id, url, tracker.failures),
         description="Per-epoch metrics of this training run",
-    )
+    ))
     if url:
-        create_link_artifact(key="mlflow-run", link=url, link_text="MLflow run",
-                             description=f"MLflow run {tracker.run_id} ({cfg.mlflow_tracking_uri})")
+        link.record("the MLflow link artifact", lambda: create_link_artifact(
+            key="mlflow-run", link=url, link_text="MLflow run",
+            description=f"MLflow run {tracker.run_id} ({cfg.mlflow_tracking_uri})"))
 
 
 def _tags(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -309,18 +338,44 @@ def _tags(extra: dict[str, str] | None = None) -> dict[str, str]:
 def main(argv: list[str] | None = None, early_server: EarlyServer | None = None) -> int:
     args = parse_args(argv)
 
+    links: list[OrchestratorLink] = []
+
     def start():
         cfg = load_command_line_config(args)
         # Check the inputs before the flow begins: bad input shows one line, no traceback, and no flow run.
         with artifacts_lock(cfg.artifacts_dir):
             check_inputs(cfg, args.resume)
             with flow_server(early_server):
-                # The resolved params whole, on no base file: the flow run records exactly what it trains
-                # with, and a --set to null survives (an empty field of ParamOverrides means "unset").
-                return train_flow(params_file=None, overrides=ParamOverrides.model_validate(cfg.to_dict()),
-                                  resume=args.resume, return_state=True)
+                link = OrchestratorLink.from_settings()
+                links.append(link)
+                # The engine's own calls (the flow run's states) retry 2 s then 4 s, not Prefect's
+                # default 5 times up to 32 s: the flow itself waits for an API that went away.
+                with link.in_use(), link.quiet_while_down(), temporary_settings(
+                        updates={PREFECT_CLIENT_MAX_RETRIES: CALL_RETRIES}):
+                    try:
+                        # The resolved params whole, on no base file: the flow run records exactly what it
+                        # trains with, and a --set to null survives (an empty field of ParamOverrides
+                        # means "unset").
+                        return train_flow(params_file=None, overrides=ParamOverrides.model_validate(cfg.to_dict()),
+                                          resume=args.resume, return_state=True)
+                    except API_ERRORS:
+                        if link.final_state is None:  # the flow never ended: not an outage at the end
+                            raise
+                        return link.final_state  # the flow ended, but Prefect could not be told
 
-    return run_flow_command(start)[0]
+    code = run_flow_command(start)[0]
+    link = links[0] if links else None
+    if link is None or not link.was_unreachable:
+        return code
+    if not link.down:
+        print(f"[train] warning: {link.summary()} during this run; its Prefect records of that time are "
+              "missing, MLflow has the whole run", file=sys.stderr, flush=True)
+        return code
+    print(f"[train] warning: {link.summary()}: this flow run's final state did not reach it (the Prefect UI "
+          "shows the run Running); training, checkpoints and MLflow are complete (docs/failures.md)",
+          file=sys.stderr, flush=True)
+    # Prefect's queues of log lines and events would retry the absent API at exit for minutes.
+    end_now(EXIT_ORCHESTRATOR_UNREACHABLE if code == 0 else code)
 
 
 if __name__ == "__main__":

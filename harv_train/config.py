@@ -184,6 +184,12 @@ class TrainConfig(BaseModel):
     epoch_retries: int = Field(
         2, ge=0, le=100, description="Prefect retries of a failed epoch task; each restarts the epoch from last.pth."
     )
+    # A Prefect API outage (issue 18): how long the end of a run waits for the API to come back.
+    prefect_outage_wait_s: int = Field(
+        30, ge=0, le=3600,
+        description="When the Prefect API went away during the run and is still away at its end, wait up to "
+        "this many seconds for it, so that the flow run's final state reaches it (training never waits).",
+    )
     device: Annotated[str, MustBe("auto, cpu, cuda or cuda:N")] = Field(
         "auto",
         pattern=r"^(auto|cpu|cuda|cuda:[0-9]+)$",

@@ -15,13 +15,13 @@ from harv_train.core.calibration import Calibration
 from harv_train.reporting.post_training import PostTraining, calibrate_checkpoint, evaluate_and_export, table_rows
 
 
-def _publish_table(report: EvalReport, where: str, key: str = "evaluation-report") -> None:
+def publish_table(report: EvalReport, where: str, key: str = "evaluation-report") -> None:
     create_table_artifact(key=key, table=table_rows(report),
                           description=f"Per-class precision, recall, F1 and support; accuracy "
                                       f"{report.metrics.accuracy:.4f} ({where})")
 
 
-def _publish_export(result: ExportResult) -> None:
+def publish_export(result: ExportResult) -> None:
     summary = result.summary()
     diffs = ", ".join(f"{k} {v:.1e}" for k, v in summary["parity"]["max_abs_diff"].items())
     latency = ", ".join(f"{k} {v:.2f} ms" for k, v in summary["latency_ms"].items())
@@ -38,7 +38,7 @@ def _publish_export(result: ExportResult) -> None:
 def evaluate_task(checkpoint: str, data: str, out: str) -> EvalReport:
     configure_threads(0)
     report = evaluate_checkpoint(checkpoint, data, out)
-    _publish_table(report, data)
+    publish_table(report, data)
     return report
 
 
@@ -46,7 +46,7 @@ def evaluate_task(checkpoint: str, data: str, out: str) -> EvalReport:
 def export_task(checkpoint: str, data: str, out: str, latency_runs: int = LATENCY_RUNS) -> ExportResult:
     configure_threads(0)
     result = export_checkpoint(checkpoint, data, out, latency_runs=latency_runs)
-    _publish_export(result)
+    publish_export(result)
     return result
 
 
@@ -61,14 +61,10 @@ def calibrate_task(session: TrainingSession) -> Calibration:
 @task(name="evaluate-and-export", cache_policy=NO_CACHE)
 def evaluate_and_export_task(session: TrainingSession) -> PostTraining:
     """The training flow's last step: report and export of best_model.pth, on the val images the
-    session has already decoded, and its report on the test images when there are any."""
+    session has already decoded, and its report on the test images when there are any. The flow
+    publishes the result (publish_table, publish_export) when the Prefect API answers: the export
+    never waits on it."""
     cfg = session.cfg
     configure_threads(cfg.threads)
     splits = session.splits()
-    result = evaluate_and_export(cfg, splits["val"], session.device, splits.get("test"))
-    _publish_table(result.evaluation, f"{cfg.data_dir}: val split")
-    if result.test:
-        _publish_table(result.test, f"{cfg.data_dir}: test split", key="test-report")
-    if result.export:
-        _publish_export(result.export)
-    return result
+    return evaluate_and_export(cfg, splits["val"], session.device, splits.get("test"))

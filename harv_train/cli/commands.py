@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from harv_train.errors import UserError
+
+
+# The training completed, but the Prefect API was still unreachable at its end: Prefect holds no
+# final state of the flow run (docs/failures.md).
+EXIT_ORCHESTRATOR_UNREACHABLE = 3
+
+
+def end_now(code: int) -> NoReturn:
+    """Exit at once with `code`, output flushed, skipping exit hooks: for a run whose Prefect API is
+    gone, whose log and event queues would otherwise retry it at exit for minutes."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def run_flow_command(start: Callable[[], Any]) -> tuple[int, Any]:
