@@ -32,6 +32,7 @@ from harv_train.core.engine import SINGLE, Pipeline, World, evaluate, frozen_fea
 from harv_train.core.freezing import forward_from, fused_frozen_prefix
 from harv_train.core.models import model_spec
 from harv_train.core.run_state import EpochMetrics, RunState, RunSummary, summary_of
+from harv_train.core.sync_batchnorm import synchronize_batchnorm
 from harv_train.core.runtime import available_cores, configure_threads, epoch_seed, resolve_device
 from harv_train.errors import CheckpointError
 
@@ -198,6 +199,8 @@ class TrainingSession:
         if world.size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
+            if cfg.distributed.sync_batchnorm:  # "auto" and True: the global batch's statistics
+                self._synchronize_batchnorm(model, n_frozen, world)
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             trainable = DistributedDataParallel(_TrainablePart(model, n_frozen), device_ids=device_ids)
         elif cfg.compile:
@@ -221,6 +224,13 @@ class TrainingSession:
             train_time_s=train.seconds, val_time_s=val.seconds, train_batches=train.batches,
             val_batches=val.batches, is_best=is_best, stop=state.stopper.should_stop,
         )
+
+    def _synchronize_batchnorm(self, model: nn.Module, n_frozen: int, world: World) -> None:
+        converted = synchronize_batchnorm(model, n_frozen, self.device)
+        if converted and world.rank == 0:
+            kind = "SyncBatchNorm" if self.device.type == "cuda" else "an all-reduce of their statistics"
+            logger.info(f"BatchNorm: {converted} trainable layers normalize over the global batch of "
+                        f"{world.size} processes ({kind})")
 
     def _collect_val_features(self, batches):
         """Pass the batches through, keeping them for later epochs while they fit in cache_max_mb."""
