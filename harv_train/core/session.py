@@ -30,6 +30,7 @@ from harv_train.core.data import DecodedSplit, load_dataset
 from harv_train.core.decoded_cache import resolve_cache_dir
 from harv_train.core.engine import SINGLE, Pipeline, World, evaluate, frozen_feature_batches, train_one_epoch
 from harv_train.core.freezing import forward_from, fused_frozen_prefix
+from harv_train.core.global_dropout import draw_global_masks
 from harv_train.core.models import model_spec
 from harv_train.core.run_state import EpochMetrics, RunState, RunSummary, summary_of
 from harv_train.core.sync_batchnorm import synchronize_batchnorm
@@ -201,6 +202,7 @@ class TrainingSession:
 
             if cfg.distributed.sync_batchnorm:  # "auto" and True: the global batch's statistics
                 self._synchronize_batchnorm(model, n_frozen, world)
+            draw_global_masks(model, world.rank, world.size)  # dropout as one process draws it
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             trainable = DistributedDataParallel(_TrainablePart(model, n_frozen), device_ids=device_ids)
         elif cfg.compile:

@@ -106,8 +106,13 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         return y
 
 
+def convert_batchnorm(module: nn.Module, device: torch.device) -> tuple[nn.Module, int]:
+    """`module` with every BatchNorm2d in it synchronized (in place below it; a BatchNorm2d itself is
+    replaced, so use the module returned) and how many were converted."""
+    return _convert(module, device.type == "cuda")
+
+
 def _convert(module: nn.Module, on_cuda: bool) -> tuple[nn.Module, int]:
-    """`module` with every BatchNorm2d in it synchronized (in place below it); and how many were."""
     if isinstance(module, (nn.SyncBatchNorm, GlobalBatchNorm2d)):
         return module, 0
     if type(module) is nn.BatchNorm2d:
