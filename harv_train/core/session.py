@@ -200,9 +200,7 @@ class TrainingSession:
         if world.size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            if cfg.distributed.sync_batchnorm:  # "auto" and True: the global batch's statistics
-                self._synchronize_batchnorm(model, n_frozen, world)
-            draw_global_masks(model, world.rank, world.size)  # dropout as one process draws it
+            self._compute_as_one_process(model, n_frozen, world)
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             trainable = DistributedDataParallel(_TrainablePart(model, n_frozen), device_ids=device_ids)
         elif cfg.compile:
@@ -227,12 +225,17 @@ class TrainingSession:
             val_batches=val.batches, is_best=is_best, stop=state.stopper.should_stop,
         )
 
-    def _synchronize_batchnorm(self, model: nn.Module, n_frozen: int, world: World) -> None:
-        converted = synchronize_batchnorm(model, n_frozen, self.device)
-        if converted and world.rank == 0:
+    def _compute_as_one_process(self, model: nn.Module, n_frozen: int, world: World) -> None:
+        """The layers that see the batch as a whole see the global batch: trainable BatchNorm (unless
+        distributed.sync_batchnorm is false) and the dropout masks. In place, before DDP wraps the model."""
+        parts = []
+        if self.cfg.distributed.sync_batchnorm:  # "auto" and True
             kind = "SyncBatchNorm" if self.device.type == "cuda" else "an all-reduce of their statistics"
-            logger.info(f"BatchNorm: {converted} trainable layers normalize over the global batch of "
-                        f"{world.size} processes ({kind})")
+            parts.append(f"{synchronize_batchnorm(model, n_frozen, self.device)} trainable BatchNorm layers "
+                         f"normalize over it ({kind})")
+        parts.append(f"{draw_global_masks(model, world.rank, world.size)} dropout layers draw its masks")
+        if world.rank == 0:
+            logger.info(f"Global batch of {world.size} processes: " + ", ".join(parts))
 
     def _collect_val_features(self, batches):
         """Pass the batches through, keeping them for later epochs while they fit in cache_max_mb."""
