@@ -80,10 +80,11 @@ def run(mode: str, seed: int, data: Path, work: Path, args) -> dict:
         inside = metrics.train_time_s + metrics.val_time_s
         epochs.append({"wall_s": round(wall, 2), "train_s": round(metrics.train_time_s, 2),
                        "val_s": round(metrics.val_time_s, 2), "launch_s": round(wall - inside, 2) if processes > 1 else 0.0,
-                       "val_acc": metrics.val_acc, "val_loss": metrics.val_loss})
+                       "train_loss": metrics.train_loss, "val_acc": metrics.val_acc, "val_loss": metrics.val_loss})
     row = {"mode": mode, "seed": seed, "val_acc": epochs[-1]["val_acc"], "val_loss": epochs[-1]["val_loss"],
            "epochs": epochs}
-    print(f"{mode:>9} seed {seed}: val acc {row['val_acc']:.4f}, val loss {row['val_loss']:.4f}; epochs "
+    print(f"{mode:>9} seed {seed}: train loss {epochs[-1]['train_loss']:.5f}, val acc {row['val_acc']:.4f}, "
+          f"val loss {row['val_loss']:.4f}; epochs "
           + ", ".join(f"{ep['wall_s']:.1f}s (launch {ep['launch_s']:.1f}s)" for ep in epochs), flush=True)
     return row
 
