@@ -38,9 +38,12 @@ class _GlobalBatchNormFunction(torch.autograd.Function):
         channels = x.shape[1]
         dims = [0, *range(2, x.dim())]
         shape = [1, channels] + [1] * (x.dim() - 2)
-        # float64 sums: the variance comes from sum of squares minus squared mean, which cancels.
+        # Squares and sums in float64: the variance is the mean square minus the squared mean, which
+        # cancels where a channel's spread is small against its mean.
         count = torch.full((1,), x.numel() // channels, dtype=torch.float64, device=x.device)
-        stats = torch.cat([count, x.sum(dims, dtype=torch.float64), (x * x).sum(dims, dtype=torch.float64)])
+        x64 = x.double()
+        stats = torch.cat([count, x64.sum(dims), (x64 * x64).sum(dims)])
+        del x64
         dist.all_reduce(stats, group=group)
         n, total, squares = stats[0], stats[1 : 1 + channels], stats[1 + channels :]
         mean = total / n
