@@ -2,7 +2,7 @@
 # The GPU check (issue 17), one script for one GPU, at most 8 minutes (about 5 expected on an H200):
 #   1. installs the carried wheels in .whl/ (benchmarks/gpu_wheels.txt: pydantic and its needs), if any;
 #   2. runs the tests marked gpu (tests/test_gpu.py): AMP training, resume equality on CUDA, export parity
-#      from a CUDA-trained checkpoint, the augmentation's CPU/GPU pixels, the GPU data path;
+#      from a CUDA-trained checkpoint, the augmentation's CPU/GPU pixels, the GPU data path, SyncBatchNorm across two ranks;
 #   3. runs benchmarks/bench_gpu.py: mobilenet_v3_small and efficientnet_b0, 1,000 and 10,000 images at
 #      224 px, fp16 against bf16, seconds per epoch, images/s, GPU busy;
 #   4. writes one JSON summary, $OUT/gpu_check.json ($OUT set) or ./gpu_check.json, and prints it last.

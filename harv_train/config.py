@@ -120,6 +120,12 @@ class DistributedConfig(BaseModel):
     max_restarts: int = Field(
         0, ge=0, le=100, description="Torchrun restarts of all workers of an epoch when one fails."
     )
+    sync_batchnorm: Annotated[Literal["auto"] | bool, MustBe("auto, true or false")] = Field(
+        "auto",
+        description="Trainable BatchNorm layers normalize over the whole global batch, as one process would "
+        "(SyncBatchNorm on CUDA, an all-reduce of the statistics on CPU); auto and true: with more than one "
+        "process; false: each rank over its own share.",
+    )
 
     @property
     def world_size(self) -> int:

@@ -56,3 +56,15 @@ def test_epoch_benchmark_keeps_its_working_directory_only_when_asked(tmp_path, m
     assert not list(scratch.iterdir())
     bench_epoch.main(args + ["--keep"])
     assert len(list(scratch.iterdir())) == 1
+
+
+def test_distributed_benchmark_holds_out_real_digits_for_validation(tmp_path):
+    import bench_distributed
+
+    from harv_train.core.data import scan_dataset
+
+    splits = scan_dataset(bench_distributed.write_digits_dataset(tmp_path / "digits", 3, val_per_class=2))
+    assert [len(splits["train"].classes), len(splits["val"].classes)] == [10, 10]
+    assert [len(splits["train"].samples), len(splits["val"].samples)] == [30, 20]
+    train_names = {p.name for p, _ in splits["train"].samples}
+    assert not train_names & {p.name for p, _ in splits["val"].samples}  # held out

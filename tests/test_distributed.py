@@ -91,6 +91,11 @@ def test_worker_lines_reach_the_log_once_prefixed_by_the_caller_only(make_config
         launch_epoch(cfg, 0)
     lines = caplog.messages  # bare: the flow's log adds its one prefix ("[train] ")
     assert lines.count("Epoch 1/1") == 1, "\n".join(lines)  # rank 0 speaks, rank 1 does not
+    # The workers compute as one process: distributed.sync_batchnorm auto converts the trainable
+    # BatchNorm layers (blocks 10-13) and the head's dropout draws the global batch's mask.
+    assert [line for line in lines if line.startswith("Global batch of 2 processes:")] == [
+        "Global batch of 2 processes: 10 trainable BatchNorm layers normalize over it (an all-reduce of their "
+        "statistics), 1 dropout layers draw its masks"], "\n".join(lines)
     assert not any(line.startswith("[train]") for line in lines)
 
 

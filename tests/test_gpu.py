@@ -301,3 +301,17 @@ def test_gpu_data_path_keeps_the_train_split_on_the_gpu_and_trains_as_the_host_p
     _, copied = _train(make_config(device="cuda", artifacts_dir=str(tmp_path / "host")), 2, data_on_device=False)
     assert not on_device
     _assert_close_runs(gpu_resident, copied)
+
+
+@gpu
+def test_sync_batchnorm_on_cuda_trains_two_ranks_as_one(tmp_path, deterministic):
+    """distributed.sync_batchnorm on CUDA is torch.nn.SyncBatchNorm: two ranks (nccl with a GPU each,
+    gloo sharing one GPU otherwise) give plain BatchNorm's output and gradients on the concatenated
+    batch, and train MobileNetV3-Small (dropout off) step for step as one process with the same global batch."""
+    from tests import test_sync_batchnorm as sbn
+
+    backend = "nccl" if torch.cuda.device_count() >= 2 else "gloo"
+    ranks = sbn.spawn_ranks(tmp_path, backend=backend, device_type="cuda")
+    assert ranks[0]["layer_class"] == "SyncBatchNorm"
+    sbn.assert_layer_matches_batchnorm(ranks)
+    sbn.assert_synchronized_ranks_train_as_one(ranks, sbn._train_steps(0, 1, sync=False, device=torch.device("cuda", 0)))

@@ -79,9 +79,10 @@ class World:
     def broadcast_buffers(self, module: nn.Module) -> None:
         """Give every rank rank 0's buffers of `module` (BatchNorm running statistics).
 
-        DistributedDataParallel broadcasts them from rank 0 at the start of each training forward,
-        but that forward then updates each rank's statistics with its own share of the batch: after
-        the last step the ranks hold different models, and rank 0's is the one that is saved."""
+        DistributedDataParallel broadcasts them from rank 0 at the start of each training forward; with
+        distributed.sync_batchnorm false that forward then updates each rank's statistics with its own
+        share of the batch: after the last step the ranks would hold different models, and rank 0's is
+        the one that is saved. (Synchronized, they agree already; the broadcast costs one collective.)"""
         if self.size == 1:
             return
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}

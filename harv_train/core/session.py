@@ -31,10 +31,12 @@ from harv_train.core.decoded_cache import resolve_cache_dir
 from harv_train.core.engine import (SINGLE, Pipeline, Recipe, World, evaluate, frozen_feature_batches,
                                     train_one_epoch)
 from harv_train.core.freezing import forward_from, fused_frozen_prefix
+from harv_train.core.global_dropout import draw_global_masks
 from harv_train.core.imbalance import balanced_class_weights, class_counts
 from harv_train.core.lineage import DatasetInfo, describe_dataset
 from harv_train.core.models import model_spec
 from harv_train.core.run_state import EpochMetrics, RunState, RunSummary, step_scheduler, summary_of
+from harv_train.core.sync_batchnorm import synchronize_batchnorm
 from harv_train.core.runtime import available_cores, configure_threads, epoch_seed, resolve_device
 from harv_train.core.splits import write_split_lists
 from harv_train.errors import CheckpointError
@@ -222,6 +224,7 @@ class TrainingSession:
         if world.size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
+            self._compute_as_one_process(model, n_frozen, world)
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             trainable = DistributedDataParallel(_TrainablePart(model, n_frozen), device_ids=device_ids)
         elif cfg.compile:
@@ -255,6 +258,18 @@ class TrainingSession:
             return None
         train = self.splits()["train"]
         return balanced_class_weights(class_counts(train.labels, len(train.classes)))
+
+    def _compute_as_one_process(self, model: nn.Module, n_frozen: int, world: World) -> None:
+        """The layers that see the batch as a whole see the global batch: trainable BatchNorm (unless
+        distributed.sync_batchnorm is false) and the dropout masks. In place, before DDP wraps the model."""
+        parts = []
+        if self.cfg.distributed.sync_batchnorm:  # "auto" and True
+            kind = "SyncBatchNorm" if self.device.type == "cuda" else "an all-reduce of their statistics"
+            parts.append(f"{synchronize_batchnorm(model, n_frozen, self.device)} trainable BatchNorm layers "
+                         f"normalize over it ({kind})")
+        parts.append(f"{draw_global_masks(model, world.rank, world.size)} dropout layers draw its masks")
+        if world.rank == 0:
+            logger.info(f"Global batch of {world.size} processes: " + ", ".join(parts))
 
     def _collect_val_features(self, batches):
         """Pass the batches through, keeping them for later epochs while they fit in cache_max_mb."""
