@@ -67,6 +67,7 @@ from harv_train.cli.startup import EarlyServer, flow_server
 from harv_train.config import ParamOverrides, TrainConfig, load_config, write_params_file
 from harv_train.core import checkpoints as ckpt
 from harv_train.core.checks import check_inputs
+from harv_train.core.data import require_data_dir
 from harv_train.core.lineage import source_tags
 from harv_train.core.locking import artifacts_lock
 from harv_train.core.run_state import RunSummary
@@ -115,6 +116,7 @@ def train_flow(params_file: str | None = "params.yaml", overrides: ParamOverride
                 params_file, resume = plan.params_file, True
                 overrides = None if plan.overrides is None else ParamOverrides.model_validate(plan.overrides)
             cfg = load_config(params_file, overrides)
+            require_data_dir(cfg.data_dir)  # a missing data_dir writes nothing, not even the lock file
             with artifacts_lock(cfg.artifacts_dir):
                 session = TrainingSession(cfg)
                 data = load_data_task(session)  # decoding proves every image readable
@@ -343,6 +345,7 @@ def main(argv: list[str] | None = None, early_server: EarlyServer | None = None)
     def start():
         cfg = load_command_line_config(args)
         # Check the inputs before the flow begins: bad input shows one line, no traceback, and no flow run.
+        require_data_dir(cfg.data_dir)  # a missing data_dir writes nothing, not even the lock file
         with artifacts_lock(cfg.artifacts_dir):
             check_inputs(cfg, args.resume)
             with flow_server(early_server):

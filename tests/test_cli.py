@@ -83,8 +83,8 @@ def test_value_out_of_range_from_set(capsys):
 
 
 def test_unknown_model_name(capsys):
-    _assert_one_line_error(main(["--set", "model_name=vgg16"]), capsys.readouterr().err,
-                           "model_name must be one of mobilenet_v3_small, efficientnet_b0, efficientnet_lite0")
+    _assert_one_line_error(main(["--set", "model_name=vit_b_16"]), capsys.readouterr().err,
+                           "model_name must be a torchvision classification model of the families in docs/params.md")
 
 
 def test_pretrained_weights_unavailable_offline(make_config, tmp_path, capsys, monkeypatch):

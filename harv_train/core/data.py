@@ -84,17 +84,23 @@ def _differ(a: Sequence[str], b: Sequence[str], a_name: str, b_name: str) -> str
     return "; ".join(parts)
 
 
-def scan_dataset(data_dir: str | Path, classes: Sequence[str] | None = None, val_fraction: float | None = None,
-                 test_fraction: float | None = None, seed: int = 0) -> dict[str, SplitIndex]:
-    """Check the folder layout and class names; returns the train and val file lists, and test's when
-    there is one (`DATA_DIR/test/<class>/`, or `test_fraction`). With `val_fraction`, `data_dir` holds
-    the class folders and the splits are made here (harv_train/core/splits.py)."""
+def require_data_dir(data_dir: str | Path) -> Path:
+    """The data folder, or the one-line error of a missing one (checked before a run writes anything)."""
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(
             f"data_dir {root} does not exist: put images in {root}/train/<class>/ and {root}/val/<class>/ "
             "or set data_dir (python -m harv_train.demo_data DIR writes an example)"
         )
+    return root
+
+
+def scan_dataset(data_dir: str | Path, classes: Sequence[str] | None = None, val_fraction: float | None = None,
+                 test_fraction: float | None = None, seed: int = 0) -> dict[str, SplitIndex]:
+    """Check the folder layout and class names; returns the train and val file lists, and test's when
+    there is one (`DATA_DIR/test/<class>/`, or `test_fraction`). With `val_fraction`, `data_dir` holds
+    the class folders and the splits are made here (harv_train/core/splits.py)."""
+    root = require_data_dir(data_dir)
     if val_fraction is not None:
         return _made_splits(root, classes, val_fraction, test_fraction, seed)
     found: dict[str, list[str]] = {}
