@@ -44,6 +44,13 @@ def is_outage(exc: BaseException) -> bool:
     return isinstance(exc, API_ERRORS)
 
 
+def _secret(value: Any) -> str | None:
+    """A Prefect setting's secret: a SecretStr, or a plain str (how an env variable arrives in some paths)."""
+    if value is None:
+        return None
+    return value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
+
+
 class OrchestratorLink:
     """Whether the Prefect API answers, what was skipped while it did not, and how the run ended."""
 
@@ -62,11 +69,11 @@ class OrchestratorLink:
         from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY, PREFECT_API_URL
 
         headers = {}
-        if PREFECT_API_KEY.value():
-            headers["Authorization"] = f"Bearer {PREFECT_API_KEY.value().get_secret_value()}"
-        elif PREFECT_API_AUTH_STRING.value():
-            token = base64.b64encode(PREFECT_API_AUTH_STRING.value().get_secret_value().encode()).decode()
-            headers["Authorization"] = f"Basic {token}"
+        key, auth = _secret(PREFECT_API_KEY.value()), _secret(PREFECT_API_AUTH_STRING.value())
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        elif auth:
+            headers["Authorization"] = f"Basic {base64.b64encode(auth.encode()).decode()}"
         return cls(PREFECT_API_URL.value(), headers)
 
     @classmethod
