@@ -10,7 +10,7 @@ DEMO_DATA ?= data/demo
 DEMO_SET := --set model_name=efficientnet_lite0 --set data_dir=$(DEMO_DATA) --set classes=null \
             --set artifacts_dir=artifacts/demo --set registered_model_name=harv-train-demo
 
-.PHONY: install demo demo-data train test clean clean-cache mlflow-ui server worker deploy mlflow-server serve-model secrets
+.PHONY: install demo demo-data train test test-slow clean clean-cache mlflow-ui server worker deploy mlflow-server serve-model secrets
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ train: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The tests marked slow: crash-resume through a deployment trigger, the Prefect server gone to the end,
+# sweep trials on two workers, the overhead benchmark (about 10 min on 2 cores)
+test-slow: install
+	$(PY) -m pytest -q -m slow
 
 mlflow-ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import sys
 import tempfile
 from pathlib import Path
@@ -32,6 +34,7 @@ def test_benchmark_dataset_is_an_imagefolder_of_photo_crops(tmp_path):
     assert splits["train"].counts() == {"ProfA": 2, "Room1": 2}
 
 
+@pytest.mark.slow
 def test_overhead_benchmark_splits_a_real_run_into_its_parts(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     summary = bench_overhead.main(["--epochs", "2"])

@@ -77,6 +77,7 @@ def _runs_until(api_url: str, env: dict, tmp_path: Path, first, done, worker_env
             stop(worker)
 
 
+@pytest.mark.slow
 def test_a_killed_deployment_run_is_resumed_by_a_new_run_to_the_uninterrupted_metrics(deployed, tmp_path):
     api_url, env = deployed
     overrides = _overrides(tmp_path)
@@ -107,6 +108,7 @@ def test_a_killed_deployment_run_is_resumed_by_a_new_run_to_the_uninterrupted_me
     assert [m.step for m in mlflow.get_metric_history(mlflow_run.info.run_id, "val_acc")] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_run_that_crashes_every_time_stops_after_max_crash_resumes_and_says_so(deployed, tmp_path):
     api_url, env = deployed
     with SyncPrefectClient(api_url) as client:

@@ -5,6 +5,8 @@ back, prints no traceback, and its final state reaches the server that came back
 
 from __future__ import annotations
 
+import pytest
+
 import contextlib
 import subprocess
 import sys
@@ -94,6 +96,7 @@ def test_a_prefect_server_stopped_and_restarted_mid_run_leaves_a_finished_traini
     assert [m.step for m in mlflow.get_metric_history(mlflow_run.info.run_id, "val_acc")] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_prefect_server_gone_until_the_end_leaves_a_finished_training_and_exit_code_3(tmp_path):
     """Never back: the run still trains, evaluates and finishes its MLflow run, then says in its last
     line that Prefect never heard the end (exit 3), without waiting out Prefect's queues."""

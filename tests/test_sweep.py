@@ -177,6 +177,7 @@ def test_sweep_has_one_mlflow_parent_with_its_trials_as_children_best_params_plo
     assert champion.run_id == winner.info.run_id
 
 
+@pytest.mark.slow
 def test_trials_run_as_deployment_runs_on_two_process_workers_none_twice(tmp_path):
     """A real Prefect server, a process work pool with two workers (one run each at a time) and
     `--workers pool:NAME --parallel 2`: both workers train a trial, and each trial runs once."""
