@@ -191,8 +191,9 @@ def test_resume_after_a_kill_between_logging_the_model_and_registering_it_logs_a
     params = tmp_path / "params.yaml"
     write_params_file(cfg, params)
     # MLflow calls: open the run, params, dataset size, dataset input, epoch 1; at the end params,
-    # dataset size, dataset input, epochs, summary, three files, the model, then 15: registering it.
-    killed = _cli(params, failpoint="mlflow_log:15")
+    # dataset size, dataset input, epochs, summary, three files, two split lists, the model, then 17:
+    # registering it.
+    killed = _cli(params, failpoint="mlflow_log:17")
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert "Logged the best model to MLflow" in killed.stdout + killed.stderr
     assert "Registered" not in killed.stdout + killed.stderr

@@ -163,9 +163,9 @@ def test_kill_9_inside_an_mlflow_request_then_resume_logs_every_epoch_once(make_
     cfg = make_config(epochs=3, mlflow_tracking_uri=server_url, mlflow_experiment="killed-inside-a-request")
     params = tmp_path / "params.yaml"
     write_params_file(cfg, params)
-    # Requests: experiment by name, create it, create the run, params (get, log), dataset size (get,
-    # log), then epoch 1: its metric history, and 9, its metrics.
-    killed = _cli(params, failpoint="mlflow_request:9")
+    # Requests, counted with the dataset input logged at the start: the 12th stores epoch 1's metrics
+    # (after the experiment, the run, its params, dataset size and dataset input, epoch 1's history).
+    killed = _cli(params, failpoint="mlflow_request:12")
     assert killed.returncode == -9, killed.stderr[-2000:]
     last = ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.LAST)
     client = MlflowClient(server_url)

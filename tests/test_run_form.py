@@ -16,7 +16,9 @@ def test_every_param_is_a_typed_field_of_the_overrides_form():
     assert list(fields) == list(VALID_KEYS)
     epochs = fields["epochs"]["anyOf"][0]
     assert epochs == {"type": "integer", "minimum": 1}
-    assert fields["model_name"]["anyOf"][0]["enum"] == ["mobilenet_v3_small", "efficientnet_b0", "efficientnet_lite0"]
+    enum = fields["model_name"]["anyOf"][0]["enum"]  # a dropdown of every supported model, defaults first
+    assert enum[:3] == ["mobilenet_v3_small", "efficientnet_b0", "efficientnet_lite0"]
+    assert {"resnet18", "convnext_tiny", "efficientnet_v2_s", "regnet_y_400mf"} <= set(enum)
     assert fields["distributed"]["anyOf"][0] == {"$ref": "#/definitions/DistributedOverrides"}
     assert all(field.get("description") for field in fields.values())
 
