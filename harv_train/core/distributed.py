@@ -15,8 +15,10 @@ task fails, and Prefect's task retries (epoch_retries) launch the epoch again.
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -44,6 +46,21 @@ def torchrun_command(cfg: TrainConfig, params_file: Path, epoch: int, run_id: st
     return cmd + ["-m", "harv_train.core.distributed", "--params", str(params_file), "--epoch", str(epoch)]
 
 
+# A Python exception's last line ("ValueError: ..."), as a worker or torchrun's own agent prints it.
+_EXCEPTION_LINE = re.compile(r"^\s*(?:\[[^\]]*\]:?\s*)?([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Timeout)):(.*)$")
+
+
+def failure_cause(lines: list[str]) -> str:
+    """The worker's exception in torchrun's output, rather than torchrun's own summary of it
+    (ChildFailedError, whose last lines read "error_file: <N/A>")."""
+    causes = [m for m in map(_EXCEPTION_LINE.match, lines)
+              if m and not m.group(1).endswith("ChildFailedError")]
+    if causes:
+        return f"{causes[-1].group(1).rsplit('.', 1)[-1]}:{causes[-1].group(2)}".strip()
+    exits = [line.strip() for line in lines if "exitcode" in line]
+    return exits[-1] if exits else "see the log above"
+
+
 def launch_epoch(cfg: TrainConfig, epoch: int) -> EpochMetrics:
     """Train one epoch with torchrun; returns its metrics as `TrainingSession.train_epoch` would."""
     params_file = cfg.checkpoints_dir / "torchrun-params.yaml"
@@ -58,16 +75,14 @@ def launch_epoch(cfg: TrainConfig, epoch: int) -> EpochMetrics:
         logger.info(f"Launching {cfg.distributed.world_size} processes: {' '.join(cmd[1:])}")
         with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, bufsize=1) as proc:
-            tail: list[str] = []
+            tail: collections.deque[str] = collections.deque(maxlen=400)
             for line in proc.stdout:
                 line = line.rstrip()
-                tail = (tail + [line])[-20:]
+                tail.append(line)
                 logger.info(line)
     if proc.returncode != 0:
-        errors = [t for t in tail if "Error" in t or "error" in t] or tail[-1:]
         raise RuntimeError(
-            f"torchrun exited with code {proc.returncode} in epoch {epoch + 1}: "
-            + (errors[-1] if errors else "see the log above")
+            f"torchrun exited with code {proc.returncode} in epoch {epoch + 1}: {failure_cause(list(tail))}"
         )
     state = ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.LAST)
     if state["epoch"] <= epoch:
