@@ -255,6 +255,12 @@ class TrainConfig(BaseModel):
     warmup_epochs: int = Field(
         0, ge=0, description="Epochs of linear lr warmup before the cosine decay (schedule: cosine only).",
     )
+    ema_decay: float = Field(
+        0.0, ge=0, lt=1,
+        description="Keep an exponential moving average of the trainable weights, updated every step with this "
+        "decay (warmed up as (1 + n) / (10 + n)); validation, best_model.pth and the exports use the average. "
+        "0: off.",
+    )
     # Calibration (issue 14).
     calibrate: bool = Field(
         True,

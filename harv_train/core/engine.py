@@ -83,18 +83,22 @@ class World:
         distributed.sync_batchnorm false that forward then updates each rank's statistics with its own
         share of the batch: after the last step the ranks would hold different models, and rank 0's is
         the one that is saved. (Synchronized, they agree already; the broadcast costs one collective.)"""
+        self.broadcast_tensors(list(module.buffers()))
+
+    def broadcast_tensors(self, tensors: list[torch.Tensor]) -> None:
+        """Rank 0's values of `tensors`, in place on every rank."""
         if self.size == 1:
             return
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for buffer in module.buffers():
-            by_dtype.setdefault(buffer.dtype, []).append(buffer)
-        for buffers in by_dtype.values():  # one collective per dtype, not one per tensor
-            flat = torch.cat([b.reshape(-1) for b in buffers])
+        for tensor in tensors:
+            by_dtype.setdefault(tensor.dtype, []).append(tensor)
+        for group in by_dtype.values():  # one collective per dtype, not one per tensor
+            flat = torch.cat([t.reshape(-1) for t in group])
             torch.distributed.broadcast(flat, src=0)
             offset = 0
-            for b in buffers:
-                b.copy_(flat[offset : offset + b.numel()].view_as(b))
-                offset += b.numel()
+            for t in group:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
 
 
 SINGLE = World()
@@ -150,6 +154,7 @@ def train_one_epoch(
     recipe: Recipe = SEED_RECIPE,
     class_weights: torch.Tensor | None = None,
     sampler: str = "shuffle",
+    after_step: Callable[[], None] | None = None,
 ) -> EpochResult:
     """Shuffle, augment, forward, backward, step over every training image once (`sampler: balanced`:
     as many images drawn class-balanced; `class_weights` weigh the loss, see core/imbalance.py).
@@ -159,6 +164,7 @@ def train_one_epoch(
     ranks together see exactly what one process would. `trainable` runs the network after the
     frozen prefix (a DistributedDataParallel wrapper there); by default the model itself. `prefix`
     stands in for the frozen blocks (their BatchNorm-folded copy, see freezing.fused_frozen_prefix).
+    `after_step` runs after every optimizer step (the weight average of `ema_decay`).
     """
     start = time.perf_counter()
     criterion = nn.CrossEntropyLoss(weight=None if class_weights is None else class_weights.to(pipeline.device),
@@ -199,6 +205,8 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
+        if after_step is not None:
+            after_step()
         failpoint("train_batch")
         total_loss += loss.detach().double() * len(labels)
         correct += (logits.argmax(1) == labels).sum()

@@ -23,6 +23,7 @@ from torch import nn
 from harv_train.config import TrainConfig
 from harv_train.core import checkpoints as ckpt
 from harv_train.core.early_stopping import EarlyStopping
+from harv_train.core.ema import WeightEma
 from harv_train.core.engine import CUDA_AUTOCAST_DTYPE
 from harv_train.core.freezing import feature_blocks, freeze_early_blocks, frozen_block_count, trainable_parameters
 from harv_train.core.models import build_architecture, build_model, family_of, format_parameter_counts, model_spec
@@ -149,6 +150,7 @@ class RunState:
             # epoch the checkpoint is at.
             for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
                 group["lr"] = lr
+        self.ema = _weight_average(cfg, model, self.n_frozen, checkpoint.get("ema"))
         self.stopper = EarlyStopping(cfg.early_stopping_patience)
         self.stopper.load_state_dict(checkpoint["early_stopping"])
         # float16 autocast needs loss scaling against underflowing gradients; bfloat16 does not.
@@ -229,9 +231,19 @@ class RunState:
             self.best_val_acc, self.best_epoch = metrics.val_acc, metrics.epoch
 
     def checkpoint(self) -> dict[str, Any]:
+        """The run as a plain dict. With a weight average, "model" holds the average (what was validated and
+        is served) and "ema" the live weights it came from, with the update count."""
+        ema = None
+        if self.ema is not None:
+            with self.ema.applied(self.model):
+                model = {k: t.clone() for k, t in self.model.state_dict().items()}
+            live = self.model.state_dict()
+            ema = {"live": {k: live[k].clone() for k in self.ema.names}, "updates": self.ema.updates}
+        else:
+            model = self.model.state_dict()
         state = {
             **self.identity,
-            "model": self.model.state_dict(),
+            "model": model,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "early_stopping": self.stopper.state_dict(),
@@ -243,6 +255,8 @@ class RunState:
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
+        if ema is not None:
+            state["ema"] = ema
         return state
 
     def commit(self, checkpoints_dir: Path, is_best: bool) -> None:
@@ -274,6 +288,19 @@ def summary_of(checkpoint: dict[str, Any]) -> RunSummary:
         history=tuple(EpochMetrics.from_dict(m) for m in checkpoint["history"]),
         stopped_early=checkpoint.get("stopped_early", False),
     )
+
+
+def _weight_average(cfg: TrainConfig, model: nn.Module, n_frozen: int, saved: dict | None) -> WeightEma | None:
+    """The run's weight average (ema_decay > 0). `model` was loaded with the checkpoint's "model": the
+    average, if the checkpoint kept one; its live weights go back into `model`. Turning ema_decay on
+    when resuming starts the average at the current weights; turning it off goes on from the live ones."""
+    if saved is not None:
+        average = WeightEma(model, n_frozen, cfg.ema_decay) if cfg.ema_decay else None  # copies `model`'s
+        model.load_state_dict(saved["live"], strict=False)
+        if average is not None:
+            average.updates = int(saved["updates"])
+        return average
+    return WeightEma(model, n_frozen, cfg.ema_decay) if cfg.ema_decay else None
 
 
 def _placed(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:

@@ -13,6 +13,7 @@ owns one per epoch; a new process starts with an empty one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -232,12 +233,16 @@ class TrainingSession:
         train = train_one_epoch(model, n_frozen, state.optimizer, self.train_split(), cfg.batch_size, self.pipeline,
                                 generator, state.scaler, progress, world, trainable, prefix,
                                 Recipe(hflip=cfg.hflip, label_smoothing=cfg.label_smoothing),
-                                self._class_weights(), cfg.sampler)
+                                self._class_weights(), cfg.sampler,
+                                after_step=(lambda: state.ema.update(model)) if state.ema else None)
+        if state.ema is not None:  # BatchNorm statistics went into each rank's average: take rank 0's
+            world.broadcast_tensors(list(state.ema.average.values()))
 
         val_start = time.perf_counter()
         features = self._val_features or self._collect_val_features(
             frozen_feature_batches(model, n_frozen, splits["val"], cfg.batch_size, self.pipeline, world, prefix))
-        val = evaluate(model, n_frozen, features, world)
+        with state.ema.applied(model) if state.ema else contextlib.nullcontext():
+            val = evaluate(model, n_frozen, features, world)
         val.seconds = time.perf_counter() - val_start  # includes the frozen features when computed this epoch
 
         step_scheduler(state.scheduler, val.loss)
