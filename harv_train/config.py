@@ -63,11 +63,14 @@ def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+SECTIONS = ("distributed",)  # params that are sections of keys (a mapping-valued param such as unfreeze is one value)
+
+
 def flatten(params: Mapping[str, Any]) -> dict[str, Any]:
     """Nested sections as dotted keys: {"distributed": {"nnodes": 1}} -> {"distributed.nnodes": 1}."""
     flat = {}
     for key, value in params.items():
-        if isinstance(value, Mapping):
+        if key in SECTIONS and isinstance(value, Mapping):
             flat.update({f"{key}.{k}": v for k, v in value.items()})
         else:
             flat[key] = value
@@ -255,6 +258,13 @@ class TrainConfig(BaseModel):
     warmup_epochs: int = Field(
         0, ge=0, description="Epochs of linear lr warmup before the cosine decay (schedule: cosine only).",
     )
+    unfreeze: Annotated[dict[Annotated[int, Field(strict=False)], float],
+                        MustBe("a mapping of epoch to freeze_ratio such as {3: 0.3}")] = Field(
+        default_factory=dict,
+        description="Staged unfreezing: {EPOCH: RATIO} trains from epoch EPOCH (1-based, >= 2) on with only RATIO "
+        "of the blocks frozen (the newly trainable blocks at lr x backbone_lr_mult); ratios below freeze_ratio and "
+        "falling as the epochs grow; {} keeps freeze_ratio for the whole run.",
+    )
     ema_decay: float = Field(
         0.0, ge=0, lt=1,
         description="Keep an exponential moving average of the trainable weights, updated every step with this "
@@ -320,6 +330,22 @@ class TrainConfig(BaseModel):
             raise ValueError(f"warmup_epochs {self.warmup_epochs} needs schedule: cosine (the plateau schedule "
                              "has no warmup): set schedule: cosine or warmup_epochs: 0")
         return self
+
+    @model_validator(mode="after")
+    def _unfreeze_only_unfreezes(self) -> TrainConfig:
+        ratio = self.freeze_ratio
+        for epoch, later in sorted(self.unfreeze.items()):
+            if epoch < 2 or not 0 <= later < ratio:
+                raise ValueError(
+                    f"unfreeze {{{epoch}: {later}}}: each entry must be an epoch >= 2 and a freeze_ratio from 0 to "
+                    f"below the one before it ({ratio}), e.g. unfreeze: {{3: {ratio / 2:g}}}")
+            ratio = later
+        return self
+
+    def frozen_ratio_at(self, epoch: int) -> float:
+        """The freeze_ratio that 0-based `epoch` trains with (unfreeze's entries up to it, else freeze_ratio)."""
+        started = [e for e in self.unfreeze if e <= epoch + 1]
+        return self.unfreeze[max(started)] if started else self.freeze_ratio
 
     @model_validator(mode="after")
     def _batch_splits_evenly(self) -> TrainConfig:

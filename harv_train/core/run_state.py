@@ -222,6 +222,42 @@ class RunState:
     def run_uid(self) -> str:
         return self.identity["run_uid"]
 
+    def unfreeze(self, n_frozen: int) -> None:
+        """Train blocks `n_frozen`.. as well from now on (staged unfreezing, `unfreeze`), as Lightning's
+        BackboneFinetuning does: the optimizer keeps the Adam moments of what already trained and its
+        groups' current learning rates; the newly trainable blocks join the backbone's group (lr x
+        backbone_lr_mult) with fresh moments; the schedule goes on where it is; the weight average starts
+        averaging them from their current (pretrained) values."""
+        old_optimizer, old_scheduler = self.optimizer, self.scheduler
+        moments = {id(p): old_optimizer.state[p] for g in old_optimizer.param_groups for p in g["params"]
+                   if p in old_optimizer.state}
+        head = old_optimizer.param_groups[0]
+        progress = head["lr"] / head.get("initial_lr", self.cfg.lr)  # where the schedule has taken the lr
+        freeze_early_blocks(self.model, n_frozen)
+        self.optimizer = build_optimizer(self.cfg, self.model)  # groups at lr and lr x backbone_lr_mult
+        bases = [g["lr"] for g in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) in moments:
+                    self.optimizer.state[p] = moments[id(p)]
+        self.scheduler = build_scheduler(self.cfg, self.optimizer)
+        current = [base * progress for base in bases]
+        saved = {**old_scheduler.state_dict(), "_last_lr": current}
+        if "base_lrs" in saved:  # cosine (LambdaLR): a base lr per group
+            saved["base_lrs"] = bases
+        if "min_lrs" in saved:  # plateau: a floor per group
+            saved["min_lrs"] = [self.cfg.min_lr] * len(bases)
+        self.scheduler.load_state_dict(saved)
+        for group, lr in zip(self.optimizer.param_groups, current):
+            group["lr"] = lr
+        if self.ema is not None:
+            average = WeightEma(self.model, n_frozen, self.ema.decay)
+            average.average.update({k: t for k, t in self.ema.average.items() if k in average.average})
+            average.updates = self.ema.updates
+            self.ema = average
+        self.n_frozen = n_frozen
+        self.identity["n_frozen"] = n_frozen
+
     def record(self, metrics: EpochMetrics) -> None:
         """Take one finished epoch into the history (the weights have already moved on)."""
         self.history.append(metrics)

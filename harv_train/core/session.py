@@ -31,7 +31,7 @@ from harv_train.core.data import DecodedSplit, load_dataset
 from harv_train.core.decoded_cache import resolve_cache_dir
 from harv_train.core.engine import (SINGLE, Pipeline, Recipe, World, evaluate, frozen_feature_batches,
                                     train_one_epoch)
-from harv_train.core.freezing import forward_from, fused_frozen_prefix
+from harv_train.core.freezing import feature_blocks, forward_from, frozen_block_count, fused_frozen_prefix
 from harv_train.core.global_dropout import draw_global_masks
 from harv_train.core.imbalance import balanced_class_weights, class_counts
 from harv_train.core.lineage import DatasetInfo, describe_dataset
@@ -73,10 +73,10 @@ class TrainingSession:
         self._splits: dict[str, DecodedSplit] | None = None
         self.state: RunState | None = None
         # Derived from the frozen weights, which never change within a run (keyed by its run_uid).
-        self._frozen_for: str | None = None
+        self._frozen_for: tuple[str, int] | None = None
         self._prefix: nn.Module | None = None
         self._val_features: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._compiled_for: nn.Module | None = None  # the model whose trainable part _compiled runs
+        self._compiled_for: tuple[nn.Module, int] | None = None  # the (model, n_frozen) _compiled runs
         self._compiled: nn.Module | None = None
 
     @property
@@ -173,6 +173,7 @@ class TrainingSession:
             if state.epoch != epoch:
                 raise CheckpointError(
                     f"{self.last_path} holds {state.epoch} epochs, cannot train epoch {epoch + 1}: resume instead")
+            self._unfreeze_for(state, epoch, world)
             metrics = self._train(state, epoch, world, progress and world.rank == 0)
             state.record(metrics)
             if world.rank == 0:
@@ -200,16 +201,27 @@ class TrainingSession:
         self.state = RunState.restore(self.cfg, self.last_path, self.device)
         return self.state
 
+    def _unfreeze_for(self, state: RunState, epoch: int, world: World) -> None:
+        """Staged unfreezing: fewer frozen blocks from the epochs `unfreeze` names on."""
+        n_frozen = frozen_block_count(state.model, self.cfg.frozen_ratio_at(epoch))
+        if n_frozen < state.n_frozen:
+            if world.rank == 0:
+                logger.info(f"Unfreezing: epoch {epoch + 1} trains stages {n_frozen + 1}-{len(feature_blocks(state.model))} "
+                            f"(freeze_ratio {self.cfg.frozen_ratio_at(epoch)}: {n_frozen} stages frozen, were {state.n_frozen})")
+            state.unfreeze(n_frozen)
+
     def _frozen_prefix(self, state: RunState) -> nn.Module | None:
-        if self._frozen_for != state.run_uid:
-            self._frozen_for, self._val_features = state.run_uid, None
+        # The frozen part changes only with the run (run_uid) or when blocks are unfrozen (n_frozen).
+        if self._frozen_for != (state.run_uid, state.n_frozen):
+            self._frozen_for, self._val_features = (state.run_uid, state.n_frozen), None
             self._prefix = fused_frozen_prefix(state.model, state.n_frozen) if state.n_frozen else None
         return self._prefix
 
     def _compiled_trainable(self, state: RunState) -> nn.Module:
-        """The trainable part through torch.compile, compiled again only for a new model (a restore)."""
-        if self._compiled_for is not state.model:
-            self._compiled_for = state.model
+        """The trainable part through torch.compile, compiled again only for a new model (a restore) or a
+        new frozen prefix (unfreezing)."""
+        if self._compiled_for != (state.model, state.n_frozen):
+            self._compiled_for = (state.model, state.n_frozen)
             self._compiled = compile_trainable(_TrainablePart(state.model, state.n_frozen), self.cfg.cache_dir)
         return self._compiled
 
