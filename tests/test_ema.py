@@ -46,7 +46,7 @@ def test_only_the_trainable_part_is_averaged_and_counters_are_not():
     assert len(feature_blocks(model)) == 13
 
 
-def test_the_average_is_saved_and_loaded(make_config):
+def test_the_average_is_saved_and_loaded():
     model = _model(9)
     ema = WeightEma(model, 9, decay=0.9)
     with torch.no_grad():
