@@ -98,3 +98,24 @@ def test_resume_with_other_optimizer_groups_or_schedule_is_refused_in_one_line(m
     key, value = next(iter(change.items()))
     with pytest.raises(CheckpointError, match=f"was trained with {key} .*, this run has {value}: its optimizer"):
         check_resumable(make_config(epochs=1, **change), ["cat", "dog"])
+
+
+def test_recipe_modern_presets_its_keys_and_explicit_keys_win(make_config):
+    from harv_train.config import MODERN_RECIPE
+
+    modern = make_config(recipe="modern")
+    assert {k: getattr(modern, k) for k in MODERN_RECIPE} == MODERN_RECIPE
+    key, value = next(iter(MODERN_RECIPE.items()))
+    other = {"schedule": "plateau", "warmup_epochs": 0}.get(key, value)
+    mine = make_config(recipe="modern", **{key: other, **({"warmup_epochs": 0} if key == "schedule" else {})})
+    assert getattr(mine, key) == other
+    # A run's resolved params (params.yaml in its checkpoints folder) hold the preset's values as keys.
+    assert {k: modern.to_dict()[k] for k in MODERN_RECIPE} == MODERN_RECIPE
+
+
+def test_recipe_seed_is_the_default_and_sets_nothing(make_config):
+    from harv_train.config import TrainConfig
+
+    assert make_config().recipe == "seed"
+    assert make_config(recipe="seed").to_dict() == make_config().to_dict() | {"recipe": "seed"}
+    assert TrainConfig.model_fields["recipe"].default == "seed"

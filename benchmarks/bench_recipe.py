@@ -1,0 +1,134 @@
+"""`recipe: seed` against `recipe: modern` (or any other set of params) on two held-out sets of real images.
+
+    .venv/bin/python benchmarks/bench_recipe.py                              # seed vs modern, 2 sets x 3 seeds
+    .venv/bin/python benchmarks/bench_recipe.py --epochs 8 --seeds 0 1 2 3 4
+    .venv/bin/python benchmarks/bench_recipe.py --candidate "lowfreeze:freeze_ratio=0.3,backbone_lr_mult=0.1"
+
+The sets are benchmarks/bench_calibration.py's (neither is the demo data): `digits` (scikit-learn's
+handwritten digits, 500 train / 200 val / 1097 test) and `photos` (which of 8 photos shipped by
+scikit-image and scikit-learn a 48x48 crop comes from; train, val and test crops from disjoint bands of
+each photo). Every run: efficientnet_lite0 with its ImageNet weights (from its pip package), the same
+epochs, img_size 64, num_workers 0, early stopping off; the best checkpoint (by val accuracy) is then
+temperature-calibrated on val as the flow does and measured on the test split.
+
+Reports per set and recipe, mean +- std over the seeds: test accuracy, test NLL, test ECE before and
+after temperature scaling, and the mean train time per epoch; then each candidate against the first
+(accuracy in points, NLL as a fraction, epoch time as a ratio measured side by side in this run).
+Prints one JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from bench_calibration import build_digits, build_photos  # noqa: E402
+from harv_train.config import load_config, parse_override  # noqa: E402
+from harv_train.core import checkpoints as ckpt  # noqa: E402
+from harv_train.core.calibration import expected_calibration_error, nll  # noqa: E402
+from harv_train.core.session import TrainingSession  # noqa: E402
+from harv_train.reporting.evaluation import load_eval_split, load_trained_model, predict_split  # noqa: E402
+from harv_train.reporting.post_training import calibrate_checkpoint  # noqa: E402
+
+SETS = {"digits": build_digits, "photos": build_photos}
+
+
+def run(data: Path, work: Path, seed: int, epochs: int, img_size: int, overrides: dict) -> dict[str, float]:
+    cfg = load_config(None, {
+        "model_name": "efficientnet_lite0", "pretrained": True, "epochs": epochs, "img_size": img_size,
+        "seed": seed, "classes": None, "data_dir": str(data), "artifacts_dir": str(work), "num_workers": 0,
+        "early_stopping_patience": 0, **overrides,
+    })
+    session = TrainingSession(cfg)
+    session.start(None)
+    history = [session.train_epoch(epoch, progress=False) for epoch in range(cfg.epochs)]
+    best = cfg.checkpoints_dir / ckpt.BEST
+    calibrate_checkpoint(best, session.splits()["val"])
+    state, model = load_trained_model(best)
+    test = load_eval_split(state, data / "test")
+    predictions = predict_split(model, test, state["mean"], state["std"])
+    logits, labels = torch.from_numpy(predictions.logits), torch.from_numpy(predictions.labels)
+    t = float(state["temperature"])
+    return {
+        "seed": seed, "best_epoch": state["best_epoch"], "temperature": t,
+        "test_acc": float((logits.argmax(1) == labels).double().mean()),
+        "test_nll": nll(logits, labels), "test_nll_calibrated": nll(logits, labels, t),
+        "test_ece": expected_calibration_error(logits, labels),
+        "test_ece_calibrated": expected_calibration_error(logits, labels, t),
+        "epoch_time_s": statistics.mean(m.train_time_s for m in history),
+    }
+
+
+def mean(values: list[float]) -> float:
+    return statistics.mean(values)
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.4f} +- {statistics.stdev(values) if len(values) > 1 else 0.0:.4f}"
+
+
+def parse_candidate(text: str) -> tuple[str, dict]:
+    """`name:key=value,key=value` (values parsed as YAML, as --set does)."""
+    name, _, assignments = text.partition(":")
+    overrides = dict(parse_override(a) for a in assignments.split(",") if a)
+    return name, overrides
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--img-size", type=int, default=64)
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    parser.add_argument("--candidate", action="append", default=[],
+                        help="NAME:KEY=VALUE,... (repeatable); default: seed:recipe=seed and modern:recipe=modern")
+    args = parser.parse_args()
+    candidates = [parse_candidate(c) for c in args.candidate] or [("seed", {"recipe": "seed"}),
+                                                                   ("modern", {"recipe": "modern"})]
+    results: dict[str, dict[str, list[dict]]] = {}
+    with tempfile.TemporaryDirectory(prefix="harv-bench-recipe-") as tmp:
+        for set_name in args.sets:
+            data = SETS[set_name](Path(tmp, set_name, "data"))
+            results[set_name] = {name: [] for name, _ in candidates}
+            for seed in args.seeds:  # the candidates of one seed side by side: their epoch times compare
+                for name, overrides in candidates:
+                    r = run(data, Path(tmp, set_name, f"{name}-{seed}"), seed, args.epochs, args.img_size, overrides)
+                    results[set_name][name].append(r)
+                    print(f"{set_name} {name} seed {seed}: " + ", ".join(
+                        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items() if k != "seed"),
+                        flush=True)
+    print(f"\nefficientnet_lite0 (ImageNet), {args.epochs} epochs, {args.img_size} px, seeds {args.seeds}")
+    for name, overrides in candidates:
+        print(f"  {name}: {overrides}")
+    keys = ("test_acc", "test_nll", "test_nll_calibrated", "test_ece", "test_ece_calibrated", "epoch_time_s")
+    comparison: dict[str, dict[str, dict[str, float]]] = {}
+    for set_name, by_name in results.items():
+        base_name = candidates[0][0]
+        base = by_name[base_name]
+        for name, runs in by_name.items():
+            print(f"{set_name} {name}: " + "; ".join(f"{k} {mean_std([r[k] for r in runs])}" for k in keys))
+            if name == base_name:
+                continue
+            comparison.setdefault(set_name, {})[name] = {
+                "test_acc_points": 100 * (mean([r["test_acc"] for r in runs]) - mean([r["test_acc"] for r in base])),
+                "test_nll_change": mean([r["test_nll"] for r in runs]) / mean([r["test_nll"] for r in base]) - 1,
+                "epoch_time_ratio": mean([r["epoch_time_s"] for r in runs]) / mean([r["epoch_time_s"] for r in base]),
+            }
+            c = comparison[set_name][name]
+            print(f"  {name} vs {base_name}: test accuracy {c['test_acc_points']:+.2f} points, test NLL "
+                  f"{100 * c['test_nll_change']:+.1f}%, epoch time x{c['epoch_time_ratio']:.2f}")
+    print(json.dumps({"epochs": args.epochs, "img_size": args.img_size, "seeds": args.seeds,
+                      "candidates": dict(candidates), "comparison": comparison, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
