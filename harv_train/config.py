@@ -141,7 +141,6 @@ MODERN_RECIPE: dict[str, Any] = {
     "lr": 0.001,
     "schedule": "cosine",
     "warmup_epochs": 1,
-    "label_smoothing": 0.1,
 }
 
 
