@@ -90,3 +90,12 @@ def test_a_schedule_that_does_not_unfreeze_is_refused_in_one_line(make_config, s
     with pytest.raises(ConfigError, match=r"unfreeze") as refused:
         make_config(unfreeze=schedule)
     assert says in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_the_disk_space_check_counts_the_most_weights_the_schedule_trains(make_config):
+    from harv_train.core.checks import estimated_checkpoint_bytes
+
+    plain = estimated_checkpoint_bytes(make_config(), 2)
+    staged = estimated_checkpoint_bytes(make_config(unfreeze={3: 0.0}), 2)
+    averaged = estimated_checkpoint_bytes(make_config(unfreeze={3: 0.0}, ema_decay=0.9), 2)
+    assert plain < staged < averaged

@@ -78,7 +78,7 @@ def estimated_checkpoint_bytes(cfg: TrainConfig, num_classes: int) -> int:
     """Weights plus Adam's two moments for every trainable weight (the most `unfreeze` trains), and with
     `ema_decay` the live copy of those weights, in float32."""
     model = build_architecture(cfg.model_name, num_classes)
-    freeze_early_blocks(model, frozen_block_count(model, min(cfg.freeze_ratio, *cfg.unfreeze.values())))
+    freeze_early_blocks(model, frozen_block_count(model, min([cfg.freeze_ratio, *cfg.unfreeze.values()])))
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in trainable_parameters(model))
     buffers = sum(b.numel() for b in model.buffers())
