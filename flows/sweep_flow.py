@@ -29,6 +29,8 @@ if __package__ in (None, ""):  # run as a script: make the project packages impo
 
 REPO = Path(__file__).resolve().parent.parent
 TRIAL_DEPLOYMENT = "sweep-trial"  # + "-POOL": the training flow's deployment the trials run as
+DEFAULT_HEARTBEAT_TIMEOUT_S = 300.0  # a dead worker's trial is noticed within this (docs/sweeps.md)
+DEFAULT_TRIAL_RETRIES = 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,6 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", default=None, metavar="pool:NAME",
                         help="run each trial as a deployment run on work pool NAME (default: in this process)")
     parser.add_argument("--parallel", type=int, default=1, help="trials at once (with --workers: the workers)")
+    parser.add_argument("--heartbeat-timeout", type=float, default=DEFAULT_HEARTBEAT_TIMEOUT_S, metavar="SECONDS",
+                        help="with --workers: a trial run silent this long (its worker died) is run again from its "
+                             f"checkpoint; no worker online this long stops the sweep (default {DEFAULT_HEARTBEAT_TIMEOUT_S:g})")
+    parser.add_argument("--trial-retries", type=int, default=DEFAULT_TRIAL_RETRIES,
+                        help=f"times a crashed trial run is run again from its checkpoint (default {DEFAULT_TRIAL_RETRIES})")
     parser.add_argument("--storage", default=None,
                         help="Optuna RDB URL (default: sqlite:///ARTIFACTS_DIR/optuna.db; postgresql://... for a team)")
     return parser.parse_args(argv)
@@ -57,18 +64,27 @@ def check_args(args: argparse.Namespace):
 
     cfg = load_config(args.params, dict(map(parse_override, args.overrides)))
     load_space(args.space, cfg)
-    check_counts(args.trials, args.parallel)
+    check_counts(args.trials, args.parallel, args.trial_retries)
+    check_timeout(args.heartbeat_timeout)
     pool_name(args.workers)
     return cfg
 
 
-def check_counts(trials: int, parallel: int) -> None:
+def check_counts(trials: int, parallel: int, trial_retries: int = 0) -> None:
     from harv_train.errors import ConfigError
 
     if trials < 1:
         raise ConfigError(f"--trials must be 1 or more, got {trials}")
     if parallel < 1:
         raise ConfigError(f"--parallel must be 1 or more, got {parallel}")
+    if trial_retries < 0:
+        raise ConfigError(f"--trial-retries must be 0 or more, got {trial_retries}")
+
+
+def check_timeout(seconds: float) -> None:
+    from harv_train.sweep.watch import check_timeout as check
+
+    check(seconds)
 
 
 def pool_name(workers: str | None) -> str | None:
@@ -102,6 +118,7 @@ from harv_train.core.locking import artifacts_lock
 from harv_train.errors import ConfigError, UserError
 from harv_train.sweep import study as studies
 from harv_train.sweep import tracking as sweep_tracking
+from harv_train.sweep import watch
 from harv_train.sweep.space import SearchSpace, load_space, trial_config
 from harv_train.sweep.trial import SweepTrial
 from harv_train.tracking.mlflow_tracker import MlflowTracker
@@ -112,18 +129,23 @@ SPACE_ATTR = "space"  # the study's space, so --resume refuses another one
 @flow(name="sweep", log_prints=True)
 def sweep_flow(params_file: str | None = "params.yaml", overrides: ParamOverrides | None = None, trials: int = 16,
                space_file: str | None = None, resume: bool = False, workers: str | None = None,
-               parallel: int = 1, storage: str | None = None, study_name: str = "sweep"):
+               parallel: int = 1, storage: str | None = None, study_name: str = "sweep",
+               heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT_S, trial_retries: int = DEFAULT_TRIAL_RETRIES):
     """Hyper-parameter sweep of the training flow: `trials` Optuna trials over the space in
     `space_file` (none: the built-in space), the rest of the params from `params_file` and
-    `overrides`. `workers` pool:NAME runs each trial on that work pool, `parallel` at once."""
+    `overrides`. `workers` pool:NAME runs each trial on that work pool, `parallel` at once; a trial
+    run silent for `heartbeat_timeout` s (its worker died) is set Crashed, and a crashed trial run is
+    run again from its checkpoint up to `trial_retries` times."""
     try:
         cfg = load_config(params_file, overrides)
         space = load_space(space_file, cfg)
-        check_counts(trials, parallel)
+        check_counts(trials, parallel, trial_retries)
+        check_timeout(heartbeat_timeout)
         pool = pool_name(workers)
         with artifacts_lock(cfg.artifacts_dir):
-            return _sweep(cfg, space, trials, resume, pool, parallel,
-                          storage or studies.default_storage(cfg.artifacts_dir), study_name)
+            runner_options = {"pool": pool, "heartbeat_timeout": heartbeat_timeout, "retries": trial_retries}
+            return _sweep(cfg, space, trials, resume, parallel,
+                          storage or studies.default_storage(cfg.artifacts_dir), study_name, runner_options)
     except UserError as exc:
         print(f"[sweep] error: {exc}")
         return Failed(message=str(exc))
@@ -133,9 +155,10 @@ class _Trials:
     """Runs one trial's training: a subflow here, or a deployment run on the pool."""
 
     def __init__(self, cfg: TrainConfig, storage: str, study_name: str, parent_run_id: str | None,
-                 pool: str | None):
+                 pool: str | None, heartbeat_timeout: float, retries: int):
         self.cfg, self.storage, self.study_name = cfg, storage, study_name
         self.parent_run_id = parent_run_id
+        self.pool, self.heartbeat_timeout, self.retries = pool, heartbeat_timeout, retries
         self.deployment = _trial_deployment(pool) if pool else None
         self.sweep_flow_run_id = str(runtime.flow_run.id)
 
@@ -144,17 +167,22 @@ class _Trials:
 
     def run(self, number: int, params: dict) -> bool:
         """Train trial `number`; True when its flow run completed (or was pruned). A run that crashed
-        (its process killed) is run once more, from its checkpoint."""
+        (its process, or its worker with it, killed) is run again from its checkpoint, `retries` times
+        at most; the Optuna trial stays RUNNING meanwhile and is told once, by the caller."""
         trial_dir = self.trial_dir(number)
         cfg = trial_config(self.cfg, params, trial_dir)
         ref = SweepTrial(storage=self.storage, study_name=self.study_name, trial_number=number)
         tags = sweep_tracking.child_tags(self.parent_run_id, self.study_name, number)
-        for attempt in range(2):
+        for attempt in range(self.retries + 1):
             resume = (trial_dir / "checkpoints" / LAST).is_file()  # cut short before: continue it
             state = self._run(number, cfg, ref, tags, resume, attempt)
             if not state.is_crashed():
                 break
-            print(f"[sweep] trial {number} crashed ({state.message}); running it again from its checkpoint")
+            if attempt < self.retries:
+                print(f"[sweep] trial {number} crashed ({state.message}); running it again from its checkpoint "
+                      f"(retry {attempt + 1} of {self.retries})")
+            else:
+                print(f"[sweep] trial {number} crashed ({state.message}) after {self.retries} retries: it fails")
         return state.is_completed()
 
     def _run(self, number: int, cfg: TrainConfig, ref: SweepTrial, tags: dict[str, str], resume: bool,
@@ -164,16 +192,18 @@ class _Trials:
             return train_flow.with_options(flow_run_name=name)(
                 params_file=None, overrides=ParamOverrides.model_validate(cfg.to_dict()), resume=resume,
                 sweep_trial=ref, run_tags=tags, return_state=True)
+        from prefect import get_client
         from prefect.deployments import run_deployment
 
         # The idempotency key: a request the Prefect client retries (its answer lost to a timeout under
         # load) must not create a second flow run of the trial, which a free worker would then train again.
-        run = run_deployment(self.deployment, flow_run_name=name, timeout=None,
+        run = run_deployment(self.deployment, flow_run_name=name, timeout=0,
                              idempotency_key=f"sweep-{self.sweep_flow_run_id}-trial-{number}-attempt-{attempt}",
-                             parameters={
+                             job_variables=watch.job_variables(self.heartbeat_timeout), parameters={
             "params_file": None, "overrides": cfg.to_dict(), "resume": resume,
             "sweep_trial": ref.model_dump(), "run_tags": tags})
-        return run.state
+        with get_client(sync_client=True) as client:  # its final state, or Crashed once it fell silent
+            return watch.wait_for_run(client, run.id, self.pool, self.heartbeat_timeout, f"trial {number}")
 
 
 def _trial_deployment(pool: str) -> str:
@@ -197,8 +227,8 @@ def _trial_deployment(pool: str) -> str:
     return f"train/{name}"
 
 
-def _sweep(cfg: TrainConfig, space: SearchSpace, n_trials: int, resume: bool, pool: str | None,
-           parallel: int, storage: str, study_name: str):
+def _sweep(cfg: TrainConfig, space: SearchSpace, n_trials: int, resume: bool, parallel: int, storage: str,
+           study_name: str, runner_options: dict):
     sweep_dir = Path(cfg.artifacts_dir)
     study = studies.open_study(storage, study_name, cfg.seed, resume)
     if resume and study.user_attrs.get(SPACE_ATTR, space.to_dict()) != space.to_dict():
@@ -216,7 +246,7 @@ def _sweep(cfg: TrainConfig, space: SearchSpace, n_trials: int, resume: bool, po
                             "sweep.space": space.to_dict()})
         tracker.log_artifact(sweep_dir / "space.yaml")
     print(f"[sweep] study {study_name!r} in {storage}; MLflow parent run {tracker.run_id}")
-    runner = _Trials(cfg, storage, study_name, tracker.run_id, pool)
+    runner = _Trials(cfg, storage, study_name, tracker.run_id, **runner_options)
 
     for trial in studies.unfinished(study):  # cut short by a killed sweep: the same trial again
         print(f"[sweep] trial {trial.number} was cut short: resuming it")
@@ -282,8 +312,11 @@ def _conclude(cfg: TrainConfig, study, tracker: MlflowTracker, sweep_dir: Path):
     tracker.log_artifact(sweep_dir / "trials.csv")
     for path in plots.values():
         tracker.log_artifact(path, "plots")
-    if tracker.run_id and not tracker.down and cfg.registered_model_name:
-        _register(cfg, tracker, best.number, best.value)
+    winner = _trial_run(tracker, best.number)
+    if winner is not None:
+        _log_test_metrics(tracker, best.number, winner)
+    if winner is not None and cfg.registered_model_name:
+        _register(cfg, tracker, best.number, best.value, winner)
     create_markdown_artifact(key="sweep-trials", markdown=f"# Sweep trials\n\n{markdown}\n\n"
                              f"Best: trial {best.number}, val_acc {best.value:.4f}\n",
                              description="The sweep's trials, their state and params")
@@ -291,10 +324,27 @@ def _conclude(cfg: TrainConfig, study, tracker: MlflowTracker, sweep_dir: Path):
     return Completed(message=f"best trial {best.number}: val_acc {best.value:.4f}; {counts}")
 
 
-def _register(cfg: TrainConfig, tracker: MlflowTracker, number: int, val_acc: float) -> None:
+def _trial_run(tracker: MlflowTracker, number: int):
+    """Trial `number`'s MLflow child run, or None (no parent run, MLflow down, or none found)."""
+    if not tracker.run_id or tracker.down:
+        return None
+    return tracker._attempt(f"finding trial {number}'s run", lambda: sweep_tracking.trial_run(
+        tracker.client(), tracker.experiment_id, tracker.run_id, number))
+
+
+def _log_test_metrics(tracker: MlflowTracker, number: int, child) -> None:
+    """The best trial's test_* metrics (its data has a test split) on the parent, under the same names:
+    the sweep's honest number, measured once on images no trial chose by."""
+    test = sweep_tracking.test_metrics(child)
+    if test:
+        tracker.log_metrics(test, f"logging trial {number}'s test metrics")
+        print(f"[sweep] best trial {number} on the test split: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in sorted(test.items()) if k in ("test_accuracy", "test_loss")))
+
+
+def _register(cfg: TrainConfig, tracker: MlflowTracker, number: int, val_acc: float, child) -> None:
     client = tracker.client()
-    child = sweep_tracking.trial_run(client, tracker.experiment_id, tracker.run_id, number)
-    uri = child and sweep_tracking.logged_model_uri(client, tracker.experiment_id, child.info.run_id)
+    uri = sweep_tracking.logged_model_uri(client, tracker.experiment_id, child.info.run_id)
     if not uri:
         print(f"[sweep] WARNING: trial {number} logged no model in MLflow: nothing registered")
         return
@@ -314,6 +364,7 @@ def main(argv: list[str] | None = None, early_server: EarlyServer | None = None)
             return sweep_flow(params_file=None, overrides=ParamOverrides.model_validate(cfg.to_dict()),
                               trials=args.trials, space_file=args.space, resume=args.resume,
                               workers=args.workers, parallel=args.parallel, storage=args.storage,
+                              heartbeat_timeout=args.heartbeat_timeout, trial_retries=args.trial_retries,
                               return_state=True)
 
     return run_flow_command(start)[0]

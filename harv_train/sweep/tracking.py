@@ -30,6 +30,11 @@ def trial_run(client, experiment_id: str, parent_run_id: str, number: int):
     return runs[0] if runs else None
 
 
+def test_metrics(run) -> dict[str, float]:
+    """The run's test-split metrics (test_*, logged by the training flow when its data has a test split)."""
+    return {k: v for k, v in run.data.metrics.items() if k.startswith("test_")}
+
+
 def logged_model_uri(client, experiment_id: str, run_id: str) -> str | None:
     """The models:/ URI of the (best) model the training run logged, or None."""
     from mlflow.entities import LoggedModelStatus
