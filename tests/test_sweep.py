@@ -29,7 +29,7 @@ from harv_train.sweep import study as studies
 from harv_train.sweep import watch
 from harv_train.sweep.space import parse_space
 from tests.images import write_image_folder
-from tests.servers import BIN, log_tail, prefect_env, prefect_server, stop
+from tests.servers import BIN, free_port, log_tail, mlflow_server, prefect_env, prefect_server, stop
 
 REPO = Path(__file__).resolve().parent.parent
 POOL = "sweep-pool"
@@ -187,6 +187,46 @@ def test_sweep_has_one_mlflow_parent_with_its_trials_as_children_best_params_plo
     test = {k: v for k, v in winner.data.metrics.items() if k.startswith("test_")}
     assert "test_accuracy" in test and "test_loss" in test
     assert {k: parent.data.metrics.get(k) for k in test} == test
+
+
+@pytest.mark.slow
+def test_mlflow_down_through_a_sweep_trials_go_on_and_resume_logs_them_under_one_parent(tmp_path):
+    """MLflow unreachable for the whole sweep: both trials train and count (COMPLETE, not FAIL), the
+    sweep ends Failed saying what to do; once an MLflow server answers there, --resume logs each trial
+    as a child of one parent run and registers the winner."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    _params(tmp_path, epochs=1, mlflow_tracking_uri=uri)
+    env = _env(HARV_TRAIN_CACHE_DIR=str(tmp_path / "cache"), MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0")
+    down = subprocess.run(_sweep_cmd(tmp_path, "--trials", "2"), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=420)
+    assert down.returncode == 1, down.stdout[-3000:] + down.stderr[-3000:]
+    assert (f"but MLflow logging failed (trials 0, 1 and the parent run): rerun with --resume once {uri} is "
+            "reachable") in down.stderr.strip().splitlines()[-1]
+    study = optuna.load_study(study_name="sweep", storage=studies.default_storage(tmp_path / "sweep"))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    assert (tmp_path / "sweep" / "best" / "params.yaml").is_file()
+    values = [t.intermediate_values for t in study.trials]
+
+    with mlflow_server(tmp_path / "mlflow", port=port):
+        resumed = subprocess.run(_sweep_cmd(tmp_path, "--trials", "2", "--resume"), cwd=REPO, env=env,
+                                 capture_output=True, text=True, timeout=420)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id])
+        [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        children = [r for r in runs if r is not parent]
+        assert sorted((r.data.tags["sweep.trial"], r.data.tags["mlflow.parentRunId"]) for r in children) == [
+            ("0", parent.info.run_id), ("1", parent.info.run_id)]
+        for child in children:
+            assert child.info.status == "FINISHED"
+            assert [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")] == [1]
+        assert parent.info.status == "FINISHED" and parent.data.metrics["trials_complete"] == 2
+        champion = client.get_model_version_by_alias("sweep-model", "champion")
+        assert champion.run_id in {r.info.run_id for r in children}
+    study = optuna.load_study(study_name="sweep", storage=studies.default_storage(tmp_path / "sweep"))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2 and studies.unlogged(study) == []
+    assert [t.intermediate_values for t in study.trials] == values  # counted once, as they were
 
 
 @flow(name="sweep-watch-probe")
