@@ -150,24 +150,17 @@ def workers(out: Path, trials: int) -> dict:
             with SyncPrefectClient(api_url) as client:
                 runs = [r for r in client.read_flow_runs() if r.name.startswith("trial-")
                         and r.parameters.get("overrides", {}).get("artifacts_dir", "").startswith(str(out / f"sweep-{n}"))]
-                by_worker = {}
-                for r in runs:
-                    by_worker.setdefault(str(r.work_queue_name) + "/" + _worker_of(client, r), []).append(r.name)
+            by_worker = {}  # which worker trained each trial: the MLflow tag the training run sets
+            mlflow = MlflowClient(f"sqlite:///{out / f'mlflow-{n}.db'}")
+            for r in mlflow.search_runs([e.experiment_id for e in mlflow.search_experiments()]):
+                if "sweep.trial" in r.data.tags:
+                    by_worker.setdefault(r.data.tags.get("prefect.worker", "?"), []).append(int(r.data.tags["sweep.trial"]))
             results[f"{n}_workers"] = {"wall_s": round(wall, 1), "trial_runs": len(runs),
-                                       "distinct_trials": len({r.name for r in runs}), "by_worker": by_worker}
+                                       "distinct_trials": len({r.name for r in runs}),
+                                       "trials_per_min": round(trials / wall * 60, 2), "by_worker": by_worker}
             print(f"{n} worker(s): {wall:.1f} s, {len(runs)} trial runs: {by_worker}", flush=True)
     results["speedup_2_over_1"] = round(results["1_workers"]["wall_s"] / results["2_workers"]["wall_s"], 2)
     return results
-
-
-def _worker_of(client, run) -> str:
-    """The worker that picked the run up, from its state history (Pending's message names it)."""
-    for state in client.read_flow_run_states(run.id):
-        details = getattr(state, "state_details", None)
-        name = getattr(details, "worker_name", None) if details else None
-        if name:
-            return name
-    return "?"
 
 
 def main() -> None:

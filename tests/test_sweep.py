@@ -5,6 +5,7 @@ its child runs, best params.yaml, plots and champion, and trials on two real pro
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,20 +13,26 @@ import time
 from pathlib import Path
 
 import optuna
+import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+from prefect import flow, get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.states import Running, Scheduled
 
 from harv_train.config import load_config
 from harv_train.core import checkpoints as ckpt
 from harv_train.errors import ConfigError
 from harv_train.sweep import study as studies
+from harv_train.sweep import watch
 from harv_train.sweep.space import parse_space
 from tests.images import write_image_folder
-from tests.servers import BIN, log_tail, prefect_env, prefect_server, stop
+from tests.servers import BIN, free_port, log_tail, mlflow_server, prefect_env, prefect_server, stop
 
 REPO = Path(__file__).resolve().parent.parent
+POOL = "sweep-pool"
 SPACE = {"lr": {"low": 1.0e-4, "high": 1.0e-1, "log": True}, "freeze_ratio": {"low": 0.0, "high": 1.0}}
 
 
@@ -111,10 +118,11 @@ def test_trial_below_the_median_is_pruned_after_its_epoch_in_optuna_mlflow_and_p
 
 @pytest.fixture(scope="module")
 def resumed_sweep(tmp_path_factory):
-    """A 2-trial sweep (2 epochs each) killed with kill -9 once trial 1 has checkpointed its first
-    epoch, then run again with --resume. Yields (tmp, resume's completed process)."""
+    """A 2-trial sweep (2 epochs each; the data has a test split) killed with kill -9 once trial 1 has
+    checkpointed its first epoch, then run again with --resume. Yields (tmp, resume's completed process)."""
     tmp = tmp_path_factory.mktemp("sweep")
     _params(tmp)
+    shutil.copytree(tmp / "data" / "val", tmp / "data" / "test")  # evaluated after training, chooses nothing
     env = _env(HARV_TRAIN_CACHE_DIR=str(tmp / "cache"))
     log = tmp / "first.log"
     with open(log, "wb") as out:
@@ -175,6 +183,139 @@ def test_sweep_has_one_mlflow_parent_with_its_trials_as_children_best_params_plo
     champion = client.get_model_version_by_alias("sweep-model", "champion")
     [winner] = [r for r in children if r.data.tags["sweep.trial"] == str(best.number)]
     assert champion.run_id == winner.info.run_id
+    # The parent reports the winner's test metrics, under the names the training run logs them.
+    test = {k: v for k, v in winner.data.metrics.items() if k.startswith("test_")}
+    assert "test_accuracy" in test and "test_loss" in test
+    assert {k: parent.data.metrics.get(k) for k in test} == test
+
+
+@pytest.mark.slow
+def test_mlflow_down_through_a_sweep_trials_go_on_and_resume_logs_them_under_one_parent(tmp_path):
+    """MLflow unreachable for the whole sweep: both trials train and count (COMPLETE, not FAIL), the
+    sweep ends Failed saying what to do; once an MLflow server answers there, --resume logs each trial
+    as a child of one parent run and registers the winner."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    _params(tmp_path, epochs=1, mlflow_tracking_uri=uri)
+    env = _env(HARV_TRAIN_CACHE_DIR=str(tmp_path / "cache"), MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0")
+    down = subprocess.run(_sweep_cmd(tmp_path, "--trials", "2"), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=420)
+    assert down.returncode == 1, down.stdout[-3000:] + down.stderr[-3000:]
+    assert (f"but MLflow logging failed (trials 0, 1 and the parent run): rerun with --resume once {uri} is "
+            "reachable") in down.stderr.strip().splitlines()[-1]
+    study = optuna.load_study(study_name="sweep", storage=studies.default_storage(tmp_path / "sweep"))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    assert (tmp_path / "sweep" / "best" / "params.yaml").is_file()
+    values = [t.intermediate_values for t in study.trials]
+
+    with mlflow_server(tmp_path / "mlflow", port=port):
+        resumed = subprocess.run(_sweep_cmd(tmp_path, "--trials", "2", "--resume"), cwd=REPO, env=env,
+                                 capture_output=True, text=True, timeout=420)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id])
+        [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        children = [r for r in runs if r is not parent]
+        assert sorted((r.data.tags["sweep.trial"], r.data.tags["mlflow.parentRunId"]) for r in children) == [
+            ("0", parent.info.run_id), ("1", parent.info.run_id)]
+        for child in children:
+            assert child.info.status == "FINISHED"
+            assert [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")] == [1]
+        assert parent.info.status == "FINISHED" and parent.data.metrics["trials_complete"] == 2
+        champion = client.get_model_version_by_alias("sweep-model", "champion")
+        assert champion.run_id in {r.info.run_id for r in children}
+    study = optuna.load_study(study_name="sweep", storage=studies.default_storage(tmp_path / "sweep"))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2 and studies.unlogged(study) == []
+    assert [t.intermediate_values for t in study.trials] == values  # counted once, as they were
+
+
+@flow(name="sweep-watch-probe")
+def _probe_flow():
+    """A flow whose runs the tests create and move by hand, standing for a trial run on a worker."""
+
+
+def test_a_trial_run_silent_past_the_heartbeat_timeout_is_set_crashed_so_the_sweep_runs_it_again(prefect_server):
+    # A worker killed together with its trial run leaves the run Running on the server, for good.
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(_probe_flow, state=Running())
+        state = watch.wait_for_run(client, run.id, POOL, timeout=2, label="trial 0", poll=0.2)
+        assert state.is_crashed()
+        assert state.message.startswith("no heartbeat or state change for 2 s while Running: its worker")
+        assert client.read_flow_run(run.id).state.is_crashed()  # on the server too: the UI shows it Crashed
+
+
+def test_a_trial_run_no_worker_takes_while_none_is_online_is_cancelled_and_ends_the_sweep_in_one_line(
+        prefect_server):
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="empty-pool", type="process"))
+        run = client.create_flow_run(_probe_flow, state=Scheduled())
+        with pytest.raises(watch.NoWorkerError) as caught:
+            watch.wait_for_run(client, run.id, "empty-pool", timeout=2, label="trial 3", poll=0.2)
+        assert str(caught.value) == ("trial 3: no worker of work pool 'empty-pool' was online for 2 s: start one "
+                                     "(prefect worker start --pool empty-pool), then rerun the sweep with --resume")
+        assert client.read_flow_run(run.id).state.is_cancelled()  # a worker started later must not train it
+
+
+def _worker(env: dict[str, str], tmp: Path, name: str) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--limit", "1", "--name", name],
+                            cwd=tmp, env=env, start_new_session=True, stdout=open(tmp / f"{name}.log", "wb"),
+                            stderr=subprocess.STDOUT)
+
+
+@pytest.mark.slow
+def test_a_trial_whose_worker_dies_with_it_is_set_crashed_and_resumed_from_its_checkpoint_counted_once(tmp_path):
+    """A real Prefect server and a process worker. Once trial 0 has checkpointed epoch 1, the worker and
+    the run it started are killed with SIGKILL, as when their machine is lost: nothing is left to tell
+    the server, and the run stays Running there. The sweep sees its heartbeats stop, sets it Crashed,
+    and a second worker resumes the trial from last.pth: one COMPLETE trial, each epoch once."""
+    _params(tmp_path, epochs=3)
+    home = tmp_path / "prefect-home"
+    with prefect_server(home) as api_url:
+        env = {**prefect_env(home, api_url), "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false",
+               "HARV_TRAIN_CACHE_DIR": str(tmp_path / "cache"), "PREFECT_WORKER_QUERY_SECONDS": "1"}
+        subprocess.run([str(BIN / "prefect"), "work-pool", "create", POOL, "--type", "process"],
+                       cwd=REPO, env=env, check=True, capture_output=True, timeout=120)
+        log = tmp_path / "sweep.log"
+        procs = [_worker(env, tmp_path, "worker-1")]
+        with open(log, "wb") as out:
+            sweep = subprocess.Popen(_sweep_cmd(tmp_path, "--trials", "1", "--workers", f"pool:{POOL}",
+                                                "--heartbeat-timeout", "60"),
+                                     cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        last = tmp_path / "sweep" / "trials" / "trial-000" / "checkpoints" / ckpt.LAST
+        try:
+            deadline = time.monotonic() + 300
+            while not (last.is_file() and ckpt.load_checkpoint(last)["epoch"] >= 1):
+                assert sweep.poll() is None, "the sweep ended before the kill:\n" + log_tail(log, 30)
+                assert time.monotonic() < deadline, "trial 0 wrote no epoch in 300 s:\n" + log_tail(log, 30)
+                time.sleep(0.2)
+            # The worker and its run (a session of its own): both stopped first, so neither sees the other die.
+            machine = [procs[0].pid] + [p.pid for p in psutil.Process(procs[0].pid).children(recursive=True)]
+            for pid in machine:
+                os.kill(pid, signal.SIGSTOP)
+            for pid in machine:
+                os.kill(pid, signal.SIGKILL)
+            procs.append(_worker(env, tmp_path, "worker-2"))
+            sweep.wait(timeout=420)
+        finally:
+            for proc in (sweep, *procs):
+                stop(proc)
+        assert sweep.returncode == 0, log_tail(log, 40) + log_tail(tmp_path / "worker-2.log", 20)
+        from prefect.client.orchestration import SyncPrefectClient
+
+        with SyncPrefectClient(api_url) as client:
+            runs = sorted((r for r in client.read_flow_runs() if r.name == "trial-000"), key=lambda r: r.created)
+            beats = [watch.heartbeats(client, r.id) for r in runs]
+    assert [r.state_type.value for r in runs] == ["CRASHED", "COMPLETED"], [(r.state_name, r.state.message) for r in runs]
+    assert runs[0].state.message.startswith("no heartbeat or state change for 60 s while Running")
+    assert [r.parameters["resume"] for r in runs] == [False, True]  # the second continued from last.pth
+    assert beats[1] >= 1  # the trial runs send heartbeats (their job environment sets how often)
+    study = optuna.load_study(study_name="sweep", storage=studies.default_storage(tmp_path / "sweep"))
+    assert [(t.number, t.state) for t in study.trials] == [(0, TrialState.COMPLETE)]
+    assert study.trials[0].intermediate_values.keys() == {1, 2, 3}
+    mlflow = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs([mlflow.get_experiment_by_name("sweep-test").experiment_id])
+    [child] = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert [m.step for m in mlflow.get_metric_history(child.info.run_id, "val_acc")] == [1, 2, 3]
 
 
 @pytest.mark.slow

@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 PRUNED_EPOCH_ATTR = "pruned_at_epoch"  # set by the training run that the pruner stopped
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # the sweep's MLflow parent run, reopened by --resume
+SWEEP_ID_ATTR = "sweep_id"  # tags the sweep's MLflow runs, so runs opened before the parent can be found
+UNLOGGED_ATTR = "mlflow_unlogged."  # + trial number: trained, but its MLflow logging failed (one key each:
+#                                      trials on several threads set theirs at once)
 # Pruning starts once this many trials finished and each trial's first epoch is reported:
 # MedianPruner stops a trial whose val_acc is below the median of earlier trials at the same epoch.
 PRUNER_STARTUP_TRIALS = 2
@@ -57,6 +60,28 @@ def open_study(storage: str, name: str, seed: int, resume: bool) -> optuna.Study
         raise ConfigError(f"a sweep with {len(study.trials)} trial(s) is already in {storage}: pass --resume to "
                           "continue it, or choose another artifacts_dir")
     return study
+
+
+def sweep_id(study: optuna.Study) -> str:
+    """The sweep's own id, made once and kept in the study (a study name like "sweep" is not unique)."""
+    if SWEEP_ID_ATTR not in study.user_attrs:
+        import uuid
+
+        study.set_user_attr(SWEEP_ID_ATTR, uuid.uuid4().hex)
+    return study.user_attrs[SWEEP_ID_ATTR]
+
+
+def add_unlogged(study: optuna.Study, number: int) -> None:
+    study.set_user_attr(f"{UNLOGGED_ATTR}{number}", True)
+
+
+def remove_unlogged(study: optuna.Study, number: int) -> None:
+    study.set_user_attr(f"{UNLOGGED_ATTR}{number}", False)
+
+
+def unlogged(study: optuna.Study) -> list[int]:
+    """Trials whose training finished but whose MLflow logging failed: the sweep logs them once MLflow answers."""
+    return sorted(int(k[len(UNLOGGED_ATTR):]) for k, v in study.user_attrs.items() if k.startswith(UNLOGGED_ATTR) and v)
 
 
 def report_epoch(ref: SweepTrial, epoch: int, val_acc: float, may_prune: bool = True) -> bool:
