@@ -231,7 +231,7 @@ class TrainingSession:
             trainable = self._compiled_trainable(state)
         train = train_one_epoch(model, n_frozen, state.optimizer, self.train_split(), cfg.batch_size, self.pipeline,
                                 generator, state.scaler, progress, world, trainable, prefix,
-                                Recipe(hflip=cfg.hflip, label_smoothing=cfg.label_smoothing),
+                                Recipe(hflip=cfg.hflip, label_smoothing=cfg.label_smoothing, augment=cfg.augment, random_resized_crop=cfg.random_resized_crop),
                                 self._class_weights(), cfg.sampler)
 
         val_start = time.perf_counter()

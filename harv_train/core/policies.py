@@ -1,0 +1,292 @@
+"""Stronger training augmentation: RandomResizedCrop, TrivialAugmentWide and RandAugment, per sample.
+
+`augment: trivial` is a horizontal flip (probability `hflip`) then torchvision's TrivialAugmentWide: one
+op per image, uniformly among its 14, a magnitude uniformly among its 31 bins, its sign random where
+the op is signed. `augment: randaugment` is the flip then torchvision's RandAugment defaults: two ops
+per image, magnitude bin 9 of 31. `random_resized_crop: s` puts torchvision's
+RandomResizedCrop(img_size, scale=(s, 1), ratio=(3/4, 4/3), bilinear) before any policy, the seed's
+included (whose draws and pixels stay those of harv_train/core/augment.py; the engine runs the seed
+policy without a crop through that module alone).
+
+Every random number is drawn on the CPU from the epoch's generator, in a fixed order and a fixed
+count per sample (`draw_policy`), so that a retried or resumed epoch redraws the same and the ops'
+draws do not depend on `hflip` or on whether the crop is on. The draws hold plain per-sample values
+(op, signed magnitude, crop box); `apply_policy` turns them into pixels on uint8 batches as torchvision's
+own functional ops would (tests/test_policies.py compares op by op).
+
+How an op is run (docs/data.md has the measurement, benchmarks/bench_augment.py the command):
+- Geometric ops (ShearX/Y, TranslateX/Y, Rotate) of a batch are one nearest-neighbour `grid_sample`
+  over all the samples that drew one, each with its own affine matrix, built as torchvision builds
+  it. torchvision's per-image `affine` builds the grid and converts the image to float for every
+  image; that is most of its per-sample cost.
+- The crop is one bilinear `grid_sample` over the batch, its sampling points clamped to each box as
+  `resized_crop` clamps them.
+- Posterize and Solarize take per-sample bit masks and thresholds in one pass; AutoContrast and
+  Equalize have no magnitude, so torchvision's kernels run once on all the samples that drew them.
+- Brightness, Color, Contrast and Sharpness are torchvision's kernels image by image: with a plain
+  number as the factor they are as fast as a batched version would be, and exact by construction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+
+from harv_train.core.augment import AugmentParams, apply_augmentation, draw_augmentation, normalize
+
+POLICIES = ("seed", "trivial", "randaugment")
+# Both policies' op lists, in torchvision's order (its _AUGMENTATION_SPACE of TrivialAugmentWide and RandAugment).
+OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
+       "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
+SIGNED = frozenset({"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
+                    "Sharpness"})
+GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+BINS = 31  # both policies' num_magnitude_bins default
+RANDAUGMENT_OPS_PER_IMAGE, RANDAUGMENT_LEVEL = 2, 9  # RandAugment(num_ops=2, magnitude=9)
+CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect ratios
+CROP_TRIES = 10  # RandomResizedCrop's tries before it falls back to a centre crop
+
+
+def magnitudes(policy: str, height: int, width: int) -> dict[str, torch.Tensor | None]:
+    """Each op's magnitude per bin, as torchvision's policy computes them (tests compare the two tables)."""
+    n = BINS
+    if policy == "trivial":
+        shear, translate_x, translate_y, rotate, enhance, posterize_bits = 0.99, 32.0, 32.0, 135.0, 0.99, 6
+    elif policy == "randaugment":
+        shear, rotate, enhance, posterize_bits = 0.3, 30.0, 0.9, 4
+        translate_x, translate_y = 150.0 / 331.0 * width, 150.0 / 331.0 * height
+    else:
+        raise ValueError(f"augment must be one of {', '.join(POLICIES)}, got {policy!r}")
+    return {
+        "Identity": None,
+        "ShearX": torch.linspace(0.0, shear, n), "ShearY": torch.linspace(0.0, shear, n),
+        "TranslateX": torch.linspace(0.0, translate_x, n), "TranslateY": torch.linspace(0.0, translate_y, n),
+        "Rotate": torch.linspace(0.0, rotate, n),
+        "Brightness": torch.linspace(0.0, enhance, n), "Color": torch.linspace(0.0, enhance, n),
+        "Contrast": torch.linspace(0.0, enhance, n), "Sharpness": torch.linspace(0.0, enhance, n),
+        "Posterize": (8 - (torch.arange(n) / ((n - 1) / posterize_bits))).round().int(),
+        "Solarize": torch.linspace(1.0, 0.0, n),
+        "AutoContrast": None, "Equalize": None,
+    }
+
+
+@dataclass
+class PolicyDraws:
+    """Each sample's draws: flip, crop box, and per op step the op and its signed magnitude (or the seed
+    policy's draws)."""
+
+    flip: torch.Tensor  # bool [B]
+    box: torch.Tensor  # int64 [B, 4]: top, left, height, width of the crop (the whole image when it is off)
+    op: torch.Tensor  # int64 [B, K]: an index into OPS, K ops applied in order
+    magnitude: torch.Tensor  # float64 [B, K]: the value torchvision would pass to the op (0 where it takes none)
+    crop: bool  # random_resized_crop is on
+    seed: AugmentParams | None = None  # augment: seed (its flip is in there; op and magnitude are empty)
+
+    def select(self, rows: torch.Tensor) -> "PolicyDraws":
+        """The draws of some samples: a rank of a data-parallel run takes its share of a global batch."""
+        return PolicyDraws(self.flip[rows], self.box[rows], self.op[rows], self.magnitude[rows], self.crop,
+                           None if self.seed is None else self.seed.select(rows))
+
+
+def _crop_boxes(u: torch.Tensor, height: int, width: int, min_scale: float) -> torch.Tensor:
+    """RandomResizedCrop's box rule for every sample at once, from uniforms u [B, 2 * CROP_TRIES + 2]:
+    up to CROP_TRIES (area, log-ratio) tries, the first that fits wins and places the box uniformly; when
+    none fits, the centre crop of the nearest allowed ratio."""
+    b = len(u)
+    area = height * width
+    log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    target = area * (min_scale + (1 - min_scale) * u[:, :CROP_TRIES])
+    ratio = torch.exp(log_lo + (log_hi - log_lo) * u[:, CROP_TRIES : 2 * CROP_TRIES])
+    w = torch.sqrt(target * ratio).round()  # round half to even, as Python's round()
+    h = torch.sqrt(target / ratio).round()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # the first try that fits (0 when none does)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    top = torch.floor(u[:, -2] * (height - h + 1))
+    left = torch.floor(u[:, -1] * (width - w + 1))
+    # The fallback: the whole image, or its centre at the nearest allowed ratio.
+    in_ratio = width / height
+    if in_ratio < CROP_RATIO[0]:
+        fw, fh = width, int(round(width / CROP_RATIO[0]))
+    elif in_ratio > CROP_RATIO[1]:
+        fw, fh = int(round(height * CROP_RATIO[1])), height
+    else:
+        fw, fh = width, height
+    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=torch.float64).expand(b, 4)
+    boxes = torch.stack([top, left, h, w], 1)
+    return torch.where(fits.any(1, keepdim=True), boxes, fallback).long()
+
+
+def _whole(b: int, height: int, width: int) -> torch.Tensor:
+    return torch.tensor([0, 0, height, width]).expand(b, 4).clone()
+
+
+def draw_policy(
+    b: int,
+    generator: torch.Generator,
+    policy: str,
+    size: tuple[int, int],
+    hflip: float = 0.5,
+    crop_scale: float = 0.0,
+) -> PolicyDraws:
+    """Draw `b` samples' augmentation for images of `size` (height, width). `crop_scale` in (0, 1) turns
+    RandomResizedCrop on with scale (crop_scale, 1); 0 leaves it off. The same numbers are drawn whatever
+    `hflip` and `crop_scale` are, so the ops of a seed do not depend on them."""
+    height, width = size
+    if policy == "seed":  # the seed's draws as they always were, then the crop's
+        seed = draw_augmentation(b, generator, hflip)
+        u = torch.rand(b, 2 * CROP_TRIES + 2, generator=generator, dtype=torch.float64)
+        box = _crop_boxes(u, height, width, crop_scale) if crop_scale > 0 else _whole(b, height, width)
+        return PolicyDraws(seed.flip, box, torch.zeros(b, 0, dtype=torch.long), torch.zeros(b, 0, dtype=torch.float64),
+                           crop_scale > 0, seed)
+    steps = RANDAUGMENT_OPS_PER_IMAGE if policy == "randaugment" else 1
+    table = magnitudes(policy, height, width)
+    flip = torch.rand(b, generator=generator) < hflip
+    u = torch.rand(b, 2 * CROP_TRIES + 2, generator=generator, dtype=torch.float64)
+    op = torch.randint(len(OPS), (b, steps), generator=generator)
+    level = torch.randint(BINS, (b, steps), generator=generator)
+    negate = torch.rand(b, steps, generator=generator) <= 0.5
+    if policy == "randaugment":
+        level.fill_(RANDAUGMENT_LEVEL)
+    box = _crop_boxes(u, height, width, crop_scale) if crop_scale > 0 else _whole(b, height, width)
+    magnitude = torch.zeros(b, steps, dtype=torch.float64)
+    for i, (o, lv, neg) in enumerate(zip(op.tolist(), level.tolist(), negate.tolist())):
+        for k in range(steps):
+            values = table[OPS[o[k]]]
+            if values is not None:
+                m = float(values[lv[k]])
+                magnitude[i, k] = -m if neg[k] and OPS[o[k]] in SIGNED else m
+    return PolicyDraws(flip, box, op, magnitude, crop_scale > 0)
+
+
+def _inverse_affine(center: list[float], angle: float, translate: list[float], shear: list[float]) -> list[float]:
+    """torchvision's `_get_inverse_affine_matrix` at scale 1: output pixel -> input pixel, both relative
+    to the image centre."""
+    rot, sx, sy = math.radians(angle), math.radians(shear[0]), math.radians(shear[1])
+    cx, cy = center
+    tx, ty = translate
+    cos_sy, tan_sx = math.cos(sy), math.tan(sx)
+    a = math.cos(rot - sy) / cos_sy
+    b = -(a * tan_sx + math.sin(rot))
+    c = math.sin(rot - sy) / cos_sy
+    d = math.cos(rot) - c * tan_sx
+    m = [d, -b, 0.0, -c, a, 0.0]
+    m[2] += cx - m[0] * (cx + tx) - m[1] * (cy + ty)
+    m[5] += cy - m[3] * (cx + tx) - m[4] * (cy + ty)
+    return m
+
+
+def _geometric_matrix(name: str, m: float, height: int, width: int) -> list[float]:
+    """The matrix torchvision's policies hand to `affine` (or `rotate`) for op `name`, magnitude m."""
+    if name == "ShearX":  # about the top-left corner: the policies pass center=[0, 0]
+        return _inverse_affine([-width * 0.5, -height * 0.5], 0.0, [0.0, 0.0], [math.degrees(math.atan(m)), 0.0])
+    if name == "ShearY":
+        return _inverse_affine([-width * 0.5, -height * 0.5], 0.0, [0.0, 0.0], [0.0, math.degrees(math.atan(m))])
+    if name == "TranslateX":
+        return _inverse_affine([0.0, 0.0], 0.0, [float(int(m)), 0.0], [0.0, 0.0])
+    if name == "TranslateY":
+        return _inverse_affine([0.0, 0.0], 0.0, [0.0, float(int(m))], [0.0, 0.0])
+    # Rotate: `rotate` takes the angle modulo 360 and hands its negative to the matrix.
+    return _inverse_affine([0.0, 0.0], -(m % 360), [0.0, 0.0], [0.0, 0.0])
+
+
+def _affine_nearest(x: torch.Tensor, matrices: list[list[float]]) -> torch.Tensor:
+    """Each image of uint8 x [n, C, H, W] through its own inverse affine matrix: nearest neighbour,
+    black fill, on the grid torchvision's `_affine_grid` builds (same arithmetic, so the same pixels)."""
+    n, _, h, w = x.shape
+    device = x.device
+    theta = torch.tensor(matrices, dtype=torch.float32, device=device).view(n, 2, 3)
+    base = torch.empty(1, h, w, 3, device=device)
+    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=device))
+    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=device).unsqueeze_(-1))
+    base[..., 2].fill_(1)
+    scaled = theta.transpose(1, 2).div_(torch.tensor([0.5 * w, 0.5 * h], device=device))
+    grid = base.view(1, h * w, 3).expand(n, -1, -1).bmm(scaled).view(n, h, w, 2)
+    out = F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return out.round_().to(torch.uint8)
+
+
+def resized_crop(x: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """Each image of uint8 x [n, C, H, W] cropped to its box (top, left, height, width) and resized back
+    to H x W, bilinear: the sampling points of `interpolate` (align_corners=False), clamped into the box
+    as it clamps them into the crop, in one `grid_sample` for the batch. The boxes never exceed the
+    image, so this only ever enlarges, where antialiasing changes nothing."""
+    n, _, h, w = x.shape
+    device = x.device
+    top, left, bh, bw = (v.to(device=device, dtype=torch.float32).view(n, 1) for v in box.unbind(1))
+    cols = torch.arange(w, device=device, dtype=torch.float32).view(1, w)
+    rows = torch.arange(h, device=device, dtype=torch.float32).view(1, h)
+    px = torch.minimum(torch.maximum(left + (cols + 0.5) * (bw / w) - 0.5, left), left + bw - 1)
+    py = torch.minimum(torch.maximum(top + (rows + 0.5) * (bh / h) - 0.5, top), top + bh - 1)
+    grid = torch.empty(n, h, w, 2, device=device)
+    grid[..., 0] = ((2 * px + 1) / w - 1).view(n, 1, w)  # pixel -> grid_sample's [-1, 1], align_corners=False
+    grid[..., 1] = ((2 * py + 1) / h - 1).view(n, h, 1)
+    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.round_().to(torch.uint8)
+
+
+_PER_IMAGE = {  # torchvision's kernels with a plain number: exact, and as fast one image at a time
+    "Brightness": lambda img, m: TF.adjust_brightness(img, 1.0 + m),
+    "Color": lambda img, m: TF.adjust_saturation(img, 1.0 + m),
+    "Contrast": lambda img, m: TF.adjust_contrast(img, 1.0 + m),
+    "Sharpness": lambda img, m: TF.adjust_sharpness(img, 1.0 + m),
+}
+
+
+def _apply_op(x: torch.Tensor, name: str, values: list[float]) -> torch.Tensor:
+    """Op `name` on uint8 x [n, C, H, W], sample i with magnitude values[i]."""
+    n, _, h, w = x.shape
+    if name in GEOMETRIC:
+        return _affine_nearest(x, [_geometric_matrix(name, m, h, w) for m in values])
+    if name == "Posterize":  # keep the top `bits` bits of each value
+        masks = [(0xFF << (8 - int(m))) & 0xFF for m in values]
+        return x & torch.tensor(masks, dtype=torch.uint8, device=x.device).view(n, 1, 1, 1)
+    if name == "Solarize":  # invert the values at or above the threshold
+        thresholds = torch.tensor([255 * m for m in values], dtype=torch.float32, device=x.device).view(n, 1, 1, 1)
+        return torch.where(x >= thresholds, 255 - x, x)
+    if name == "AutoContrast":
+        return TF.autocontrast(x)
+    if name == "Equalize":
+        return TF.equalize(x)
+    kernel = _PER_IMAGE[name]
+    return torch.stack([kernel(img, m) for img, m in zip(x, values)])
+
+
+def augment_uint8(x_uint8: torch.Tensor, draws: PolicyDraws) -> torch.Tensor:
+    """Crop, flip and the drawn ops on a uint8 batch [B, C, H, W]; uint8 out, as torchvision's chain."""
+    device = x_uint8.device
+    x = resized_crop(x_uint8, draws.box) if draws.crop else x_uint8
+    flip = draws.flip.to(device).view(-1, 1, 1, 1)
+    x = torch.where(flip, x.flip(-1), x)
+    ops, values = draws.op.tolist(), draws.magnitude.tolist()
+    for k in range(draws.op.shape[1]):
+        by_op: dict[int, list[int]] = {}
+        for i, row in enumerate(ops):
+            by_op.setdefault(row[k], []).append(i)
+        out = x.clone()
+        for o, rows in by_op.items():
+            if OPS[o] == "Identity":
+                continue
+            index = torch.tensor(rows, device=device)
+            out[index] = _apply_op(x[index], OPS[o], [values[i][k] for i in rows])
+        x = out
+    return x
+
+
+def apply_policy(
+    x_uint8: torch.Tensor,
+    draws: PolicyDraws,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
+    """`augment_uint8`, then ToTensor + Normalize: float32 [B, 3, H, W] in `memory_format`. The seed
+    policy: the crop, then harv_train/core/augment.py's flip, rotation, jitter and normalization."""
+    if draws.seed is not None:
+        x = resized_crop(x_uint8, draws.box) if draws.crop else x_uint8
+        return apply_augmentation(x, draws.seed, mean, std, memory_format)
+    return normalize(augment_uint8(x_uint8, draws), mean, std, memory_format)
