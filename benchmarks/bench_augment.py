@@ -11,7 +11,8 @@ For each size and policy (`trivial`, `randaugment`, each without and with random
 - seed: the seed policy's `draw_augmentation` + `apply_augmentation`, for reference.
 Batches of 16 (the default batch_size), float32 channels_last out, as training makes them. The three
 run alternately, rep by rep, so that a noisy neighbour slows them alike; each figure is the median of
-the reps. Images are photo crops (scikit-image's sample photos) resized to the size. Prints one line
+the reps, wall and CPU time (the latter steadier on a shared machine; `--threads 1` makes it the whole
+cost of the work). Images are photo crops (scikit-image's sample photos) resized to the size. Prints one line
 per case and one JSON line with seconds per epoch and the ratios v2 / ours and ours / seed.
 """
 
@@ -81,10 +82,12 @@ def seed_epoch(images: torch.Tensor, generator: torch.Generator) -> None:
         apply_augmentation(batch, draw_augmentation(len(batch), generator), MEAN, STD, torch.channels_last)
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds): on a shared machine the CPU time is the steadier figure;
+    with one thread it bounds what the work costs two cores."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main() -> None:
@@ -102,7 +105,7 @@ def main() -> None:
         images = photo_batch(args.images, size)
         generator = torch.Generator().manual_seed(0)
         cases = [(p, c) for p in ("trivial", "randaugment") for c in (0.0, CROP)]
-        times: dict[str, list[float]] = {"seed": []}
+        times: dict[str, list[tuple[float, float]]] = {"seed": []}
         for policy, crop in cases:
             times[f"v2 {policy} {crop}"], times[f"ours {policy} {crop}"] = [], []
         seed_epoch(images[:BATCH], generator)  # warm-up: first calls allocate
@@ -111,16 +114,22 @@ def main() -> None:
             for policy, crop in cases:
                 times[f"v2 {policy} {crop}"].append(timed(lambda: v2_epoch(images, policy, crop)))
                 times[f"ours {policy} {crop}"].append(timed(lambda: ours_epoch(images, policy, crop, generator)))
-        seed = statistics.median(times["seed"])
-        print(f"{size} px, {args.images} images: seed policy {seed:.3f} s", flush=True)
+        def median(key: str, which: int) -> float:
+            return statistics.median(t[which] for t in times[key])
+
+        seed, seed_cpu = median("seed", 0), median("seed", 1)
+        print(f"{size} px, {args.images} images: seed policy {seed:.3f} s wall, {seed_cpu:.3f} s CPU", flush=True)
         for policy, crop in cases:
-            tv = statistics.median(times[f"v2 {policy} {crop}"])
-            ours = statistics.median(times[f"ours {policy} {crop}"])
-            print(f"  {policy:<11} crop {crop:<4}: v2 per sample {tv:.3f} s, ours {ours:.3f} s, v2/ours {tv / ours:.2f}x, "
-                  f"ours/seed {ours / seed:.2f}x", flush=True)
-            results.append({"size": size, "policy": policy, "random_resized_crop": crop, "v2_s": round(tv, 4),
-                            "ours_s": round(ours, 4), "seed_s": round(seed, 4), "v2_over_ours": round(tv / ours, 3),
-                            "ours_over_seed": round(ours / seed, 3)})
+            tv, ours = median(f"v2 {policy} {crop}", 0), median(f"ours {policy} {crop}", 0)
+            tv_cpu, ours_cpu = median(f"v2 {policy} {crop}", 1), median(f"ours {policy} {crop}", 1)
+            print(f"  {policy:<11} crop {crop:<4}: wall v2 per sample {tv:.3f} s, ours {ours:.3f} s; "
+                  f"CPU v2 {tv_cpu:.3f} s, ours {ours_cpu:.3f} s; v2/ours {tv_cpu / ours_cpu:.2f}x, "
+                  f"ours/seed {ours_cpu / seed_cpu:.2f}x (CPU)", flush=True)
+            results.append({"size": size, "policy": policy, "random_resized_crop": crop,
+                            "wall_s": {"v2": round(tv, 4), "ours": round(ours, 4), "seed": round(seed, 4)},
+                            "cpu_s": {"v2": round(tv_cpu, 4), "ours": round(ours_cpu, 4), "seed": round(seed_cpu, 4)},
+                            "v2_over_ours_cpu": round(tv_cpu / ours_cpu, 3),
+                            "ours_over_seed_cpu": round(ours_cpu / seed_cpu, 3)})
     print(json.dumps({"images": args.images, "threads": torch.get_num_threads(), "loadavg": os.getloadavg()[0],
                       "results": results}))
 
