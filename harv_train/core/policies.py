@@ -311,7 +311,10 @@ def _augmented_chunks(x_uint8: torch.Tensor, draws: PolicyDraws):
             for i in range(len(x)):
                 name = OPS[ops[start + i][k]]
                 if name in _PER_IMAGE:
-                    x[i] = _PER_IMAGE[name](x[i], values[start + i][k])
+                    image = x[i]
+                    result = _PER_IMAGE[name](image, values[start + i][k])
+                    if result.data_ptr() != image.data_ptr():  # most ops work in place: no copy back
+                        image.copy_(result)
         yield rows, x
 
 
