@@ -15,6 +15,7 @@ from harv_train.core.models import build_architecture
 from harv_train.core.policies import BINS, OPS, SIGNED, PolicyDraws, apply_policy, augment_uint8, draw_policy, magnitudes
 from harv_train.core.runtime import epoch_seed
 from harv_train.errors import ConfigError
+from tests.images import write_image_folder
 from tests.trained import train_epochs
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -161,11 +162,25 @@ def test_an_epoch_is_redrawn_the_same_and_differs_from_the_next(augment):
     assert len({tuple(image.flatten()[::97].tolist()) for image in first}) > 4  # each copy augmented its own way
 
 
+@pytest.fixture(scope="module")
+def seed_policy_loss(tmp_path_factory):
+    """The first epoch's training loss of the run below with the seed's augmentation."""
+    root = tmp_path_factory.mktemp("seed_run")
+    cfg = load_config(None, {"model_name": "mobilenet_v3_small", "pretrained": False, "epochs": 1, "batch_size": 4,
+                             "img_size": 48, "classes": None, "data_dir": str(write_image_folder(root / "data")),
+                             "artifacts_dir": str(root / "artifacts"), "num_workers": 0})
+    return train_epochs(cfg)[0].train_loss
+
+
 @pytest.mark.parametrize("augment, crop", [("trivial", 0.35), ("randaugment", 0.0), ("seed", 0.35)])
-def test_a_short_run_trains_with_each_policy(make_config, augment, crop):
-    cfg = make_config(epochs=1, img_size=48, augment=augment, random_resized_crop=crop)
+def test_a_short_run_trains_with_each_policy(tmp_path, seed_policy_loss, augment, crop):
+    cfg = load_config(None, {"model_name": "mobilenet_v3_small", "pretrained": False, "epochs": 1, "batch_size": 4,
+                             "img_size": 48, "classes": None, "data_dir": str(write_image_folder(tmp_path / "data")),
+                             "artifacts_dir": str(tmp_path / "artifacts"), "num_workers": 0,
+                             "augment": augment, "random_resized_crop": crop})
     [metrics] = train_epochs(cfg)
     assert metrics.train_loss > 0 and 0 <= metrics.val_acc <= 1
+    assert metrics.train_loss != seed_policy_loss  # the policy reached the training step
 
 
 @pytest.mark.parametrize("key, value, message", [
