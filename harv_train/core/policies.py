@@ -11,19 +11,22 @@ policy without a crop through that module alone).
 Every random number is drawn on the CPU from the epoch's generator, in a fixed order and a fixed
 count per sample (`draw_policy`), so that a retried or resumed epoch redraws the same and the ops'
 draws do not depend on `hflip` or on whether the crop is on. The draws hold plain per-sample values
-(op, signed magnitude, crop box); `apply_policy` turns them into pixels on uint8 batches as torchvision's
-own functional ops would (tests/test_policies.py compares op by op).
+(flip, crop box, op, signed magnitude); `apply_policy` turns them into the pixels torchvision's own
+functional ops give on uint8 images (tests/test_policies.py: exact, op by op and bin by bin).
 
-How an op is run (docs/data.md has the measurement, benchmarks/bench_augment.py the command):
-- Geometric ops (ShearX/Y, TranslateX/Y, Rotate) of a batch are one nearest-neighbour `grid_sample`
-  over all the samples that drew one, each with its own affine matrix, built as torchvision builds
-  it. torchvision's per-image `affine` builds the grid and converts the image to float for every
-  image; that is most of its per-sample cost.
-- The crop is torchvision's `resized_crop`, image by image (its uint8 kernel is fast).
-- Posterize and Solarize take per-sample bit masks and thresholds in one pass; AutoContrast and
-  Equalize have no magnitude, so torchvision's kernels run once on all the samples that drew them.
-- Brightness, Color, Contrast and Sharpness are torchvision's kernels image by image: with a plain
-  number as the factor they are as fast as a batched version would be, and exact by construction.
+Why it is not torchvision.transforms.v2 image by image: that costs 2-2.7x more, over the 0.6 s
+budget for an epoch of 500 images at 224 px (docs/data.md has the figures, benchmarks/bench_augment.py
+the command). What makes the difference:
+- A few images at a time go from uint8 to float once, through every op, and are normalized while
+  still in cache into the output's layout. Between ops they stay float on the 0-255 scale, holding
+  whole numbers: each op ends with the rounding or truncation of torchvision's uint8 kernel, so
+  nothing converts back and forth.
+- The geometric ops of a chunk (ShearX/Y, TranslateX/Y, Rotate) are one nearest-neighbour
+  `grid_sample`, each image with its own matrix, the grid built by broadcast products (not a matmul).
+- Sharpness's blur is an exact integer box sum instead of a depthwise convolution.
+- Colour ops run image by image with plain numbers as factors; the crop is torchvision's own
+  `resized_crop` image by image (fast on uint8, and rounded exactly as torchvision rounds).
+The same code runs on any device; there each op is a kernel launch per image or chunk.
 """
 
 from __future__ import annotations
