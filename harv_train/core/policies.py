@@ -14,8 +14,9 @@ draws do not depend on `hflip` or on whether the crop is on. The draws hold plai
 (flip, crop box, op, signed magnitude); `apply_policy` turns them into the pixels torchvision's own
 functional ops give on uint8 images (tests/test_policies.py: exact, op by op and bin by bin).
 
-Why it is not torchvision.transforms.v2 image by image: that costs 2-2.7x more, over the 0.6 s
-budget for an epoch of 500 images at 224 px (docs/data.md has the figures, benchmarks/bench_augment.py
+Why it is not torchvision.transforms.v2 image by image: that costs 2-2.8x more for the same pixels,
+over the 0.6 s budget for an epoch of 500 images at 224 px in every setting but TrivialAugmentWide
+without the crop (docs/data.md has the figures, benchmarks/bench_augment.py
 the command). What makes the difference:
 - A few images at a time go from uint8 to float once, through every op, and are normalized while
   still in cache into the output's layout. Between ops they stay float on the 0-255 scale, holding
