@@ -255,6 +255,16 @@ class TrainConfig(BaseModel):
         description="Probability of a horizontal flip per training image; 0 never flips (for images whose "
         "meaning a mirror changes: text, left/right).",
     )
+    augment: Annotated[Literal["seed", "trivial", "randaugment"], MustBe("seed, trivial or randaugment")] = Field(
+        "seed",
+        description="Training augmentation after the flip: seed (rotation 10 degrees, colour jitter 0.2), trivial "
+        "(torchvision's TrivialAugmentWide: one op per image) or randaugment (RandAugment: 2 ops, magnitude 9 of 31).",
+    )
+    random_resized_crop: Annotated[float, MustBe(note="0 turns it off")] = Field(
+        0.0, ge=0, lt=1,
+        description="RandomResizedCrop before the augmentation: a crop of scale (s, 1) of the image, ratio 3/4 to 4/3, "
+        "resized back to img_size (bilinear); 0: off.",
+    )
     label_smoothing: float = Field(
         0.0, ge=0, lt=1,
         description="Label smoothing of the training loss (0: none); val loss stays the plain NLL.",

@@ -21,6 +21,7 @@ from harv_train.core.data import DecodedSplit
 from harv_train.core.failpoints import failpoint
 from harv_train.core.freezing import forward_from, frozen_features, set_train_mode
 from harv_train.core.imbalance import epoch_order
+from harv_train.core.policies import apply_policy, draw_policy
 
 try:
     from tqdm import tqdm
@@ -34,6 +35,8 @@ class Recipe:
 
     hflip: float = SEED_HFLIP  # probability of a horizontal flip per sample; 0 never flips
     label_smoothing: float = 0.0  # of the training loss only; validation reports the plain NLL
+    augment: str = "seed"  # seed, trivial or randaugment (harv_train/core/policies.py)
+    random_resized_crop: float = 0.0  # the crop's smallest scale; 0: no crop
 
 
 SEED_RECIPE = Recipe()
@@ -177,8 +180,15 @@ def train_one_epoch(
     if world.size > 1:  # every rank needs a share of every step: a last batch smaller than the world is dropped
         global_batches = [b for b in global_batches if len(b) >= world.size]
     mine = [torch.arange(world.rank, len(b), world.size) for b in global_batches]
-    draws = draws_to([draw_augmentation(len(b), generator, recipe.hflip).select(rows) for b, rows in zip(global_batches, mine)],
-                     pipeline.device)
+    if recipe.augment == "seed" and not recipe.random_resized_crop:  # the seed's own path, bit for bit
+        draws = draws_to([draw_augmentation(len(b), generator, recipe.hflip).select(rows)
+                          for b, rows in zip(global_batches, mine)], pipeline.device)
+        augment = apply_augmentation
+    else:  # drawn on the host; each batch sends its few per-sample numbers along (policies.py)
+        size = (data.img_size, data.img_size)
+        draws = [draw_policy(len(b), generator, recipe.augment, size, recipe.hflip, recipe.random_resized_crop).select(rows)
+                 for b, rows in zip(global_batches, mine)]
+        augment = apply_policy
     chunks = [b[rows] for b, rows in zip(global_batches, mine)]
     if data.cached and data.images.device.type != "cpu":  # the images live on the GPU: so do their indices
         chunks = list(torch.cat(chunks).to(data.images.device).split([len(c) for c in chunks]))
@@ -191,7 +201,7 @@ def train_one_epoch(
         for (images, labels), draw in zip(data.batches_of(chunks, pipeline.num_workers), draws):
             images = images.to(pipeline.device, non_blocking=True)
             labels = labels.to(pipeline.device, non_blocking=True)
-            yield apply_augmentation(images, draw, pipeline.mean, pipeline.std, pipeline.memory_format), labels
+            yield augment(images, draw, pipeline.mean, pipeline.std, pipeline.memory_format), labels
 
     for x, labels in _progress(inputs(), len(chunks), "train", progress):
         with pipeline.autocast():

@@ -244,7 +244,8 @@ class TrainingSession:
             trainable = self._compiled_trainable(state)
         train = train_one_epoch(model, n_frozen, state.optimizer, self.train_split(), cfg.batch_size, self.pipeline,
                                 generator, state.scaler, progress, world, trainable, prefix,
-                                Recipe(hflip=cfg.hflip, label_smoothing=cfg.label_smoothing),
+                                Recipe(hflip=cfg.hflip, label_smoothing=cfg.label_smoothing, augment=cfg.augment,
+                                       random_resized_crop=cfg.random_resized_crop),
                                 self._class_weights(), cfg.sampler,
                                 after_step=(lambda: state.ema.update(model)) if state.ema else None)
         if state.ema is not None:  # BatchNorm statistics went into each rank's average: take rank 0's
