@@ -158,7 +158,7 @@ class _Parent:
     def __init__(self, cfg: TrainConfig, study, space: SearchSpace, n_trials: int, storage: str, sweep_dir: Path):
         self.tracker = MlflowTracker(cfg.mlflow_tracking_uri, cfg.mlflow_experiment)
         self.study, self.sweep_dir = study, sweep_dir
-        self.params = {**cfg.flat_dict(), "sweep.trials": n_trials, "sweep.storage": storage,
+        self.params = {**cfg.flat_dict(), "sweep.trials": n_trials, "sweep.storage": studies.shown_storage(storage),
                        "sweep.space": space.to_dict()}
         self.name = f"sweep-{runtime.flow_run.name}"
         self.tags = {"prefect.flow_run_id": str(runtime.flow_run.id), "sweep.study": study.study_name,
@@ -288,14 +288,14 @@ def _sweep(cfg: TrainConfig, space: SearchSpace, n_trials: int, resume: bool, pa
     sweep_dir = Path(cfg.artifacts_dir)
     study = studies.open_study(storage, study_name, cfg.seed, resume)
     if resume and study.user_attrs.get(SPACE_ATTR, space.to_dict()) != space.to_dict():
-        raise ConfigError(f"--resume: the space differs from the sweep's in {storage}: resume with the same "
-                          "--space, or start a new sweep in another artifacts_dir")
+        raise ConfigError(f"--resume: the space differs from the sweep's in {studies.shown_storage(storage)}: "
+                          "resume with the same --space, or start a new sweep in another artifacts_dir")
     study.set_user_attr(SPACE_ATTR, space.to_dict())
     (sweep_dir / "space.yaml").write_text(space.to_yaml(), encoding="utf-8")
 
     parent = _Parent(cfg, study, space, n_trials, storage, sweep_dir)
     parent_id = parent.open()
-    print(f"[sweep] study {study_name!r} in {storage}; MLflow parent run "
+    print(f"[sweep] study {study_name!r} in {studies.shown_storage(storage)}; MLflow parent run "
           + (parent_id or f"not opened yet (MLflow at {cfg.mlflow_tracking_uri} does not answer; trials go on)"))
     runner = _Trials(cfg, storage, study, parent, **runner_options)
 

@@ -116,3 +116,66 @@ def prefect_server(home: Path, port: int | None = None) -> Iterator[str]:
     with running_server(f"prefect server on port {port}", cmd, f"{api_url}/health", home / "server.log",
                         env=prefect_env(home, api_url)):
         yield api_url
+
+
+def postgres_binaries() -> Path | None:
+    """The folder of the distribution's PostgreSQL server programs (initdb, postgres), if installed."""
+    for folder in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (folder / "initdb").is_file() and (folder / "postgres").is_file():
+            return folder
+    return None
+
+
+def _as_postgres_user() -> dict:
+    """initdb and postgres refuse to run as root: as root, run them as the distribution's `postgres` user."""
+    if os.geteuid() != 0:
+        return {}
+    import pwd
+
+    user = pwd.getpwnam("postgres")
+    return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+
+
+@contextmanager
+def postgres_server(port: int | None = None) -> Iterator[str]:
+    """A throwaway PostgreSQL cluster (the distribution's packages) on a loopback port, trusting local
+    connections; yields the URL of its `postgres` database as SQLAlchemy takes it."""
+    import shutil
+    import tempfile
+
+    binaries = postgres_binaries()
+    if binaries is None:
+        raise ServerStartError("PostgreSQL is not installed: apt-get install postgresql")
+    port = port or free_port()
+    as_user = _as_postgres_user()
+    root = Path(tempfile.mkdtemp(prefix="harv-train-postgres-"))  # not under pytest's 0700 folders
+    try:
+        if as_user:
+            os.chown(root, as_user["user"], as_user["group"])
+        data, log_path = root / "data", root / "server.log"
+        subprocess.run([str(binaries / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+                       check=True, capture_output=True, **as_user)
+        log = open(log_path, "wb")
+        proc = subprocess.Popen(
+            [str(binaries / "postgres"), "-D", str(data), "-p", str(port), "-k", str(root),
+             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **as_user)
+        try:
+            deadline = time.monotonic() + 60
+            while subprocess.run([str(binaries / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+                                 capture_output=True).returncode != 0:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise ServerStartError(f"PostgreSQL on port {port} did not start:\n{log_tail(log_path)}")
+                time.sleep(0.2)
+            yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        finally:
+            if proc.poll() is None:  # SIGINT: PostgreSQL's fast shutdown, which does not wait for clients
+                os.killpg(proc.pid, signal.SIGINT)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    pass
+            stop(proc)
+            log.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

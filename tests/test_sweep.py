@@ -4,6 +4,7 @@ its child runs, best params.yaml, plots and champion, and trials on two real pro
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -29,7 +30,8 @@ from harv_train.sweep import study as studies
 from harv_train.sweep import watch
 from harv_train.sweep.space import parse_space
 from tests.images import write_image_folder
-from tests.servers import BIN, free_port, log_tail, mlflow_server, prefect_env, prefect_server, stop
+from tests.servers import (BIN, free_port, log_tail, mlflow_server, postgres_binaries, postgres_server,
+                           prefect_env, prefect_server, stop)
 
 REPO = Path(__file__).resolve().parent.parent
 POOL = "sweep-pool"
@@ -119,34 +121,40 @@ def test_trial_below_the_median_is_pruned_after_its_epoch_in_optuna_mlflow_and_p
 @pytest.fixture(scope="module")
 def resumed_sweep(tmp_path_factory):
     """A 2-trial sweep (2 epochs each; the data has a test split) killed with kill -9 once trial 1 has
-    checkpointed its first epoch, then run again with --resume. Yields (tmp, resume's completed process)."""
+    checkpointed its first epoch, then run again with --resume. Its study lives in PostgreSQL (the
+    distribution's server, on loopback), as a team's would; in SQLite where PostgreSQL is not installed.
+    Yields (tmp, resume's completed process, the storage URL)."""
     tmp = tmp_path_factory.mktemp("sweep")
     _params(tmp)
     shutil.copytree(tmp / "data" / "val", tmp / "data" / "test")  # evaluated after training, chooses nothing
     env = _env(HARV_TRAIN_CACHE_DIR=str(tmp / "cache"))
-    log = tmp / "first.log"
-    with open(log, "wb") as out:
-        first = subprocess.Popen(_sweep_cmd(tmp, "--trials", "2"), cwd=REPO, env=env, stdout=out,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
-    last = tmp / "sweep" / "trials" / "trial-001" / "checkpoints" / ckpt.LAST
-    try:
-        deadline = time.monotonic() + 480
-        while not (last.is_file() and ckpt.load_checkpoint(last)["epoch"] >= 1):
-            assert first.poll() is None, "the sweep ended before it was killed:\n" + log_tail(log, 30)
-            assert time.monotonic() < deadline, "trial 1 wrote no epoch in 480 s:\n" + log_tail(log, 30)
-            time.sleep(0.2)
-        os.killpg(first.pid, signal.SIGKILL)  # the sweep, its Prefect server, everything
-    finally:
-        stop(first)
-    resumed = subprocess.run(_sweep_cmd(tmp, "--trials", "2", "--resume"), cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    yield tmp, resumed
+    with contextlib.ExitStack() as servers:
+        storage = studies.default_storage(tmp / "sweep")
+        if postgres_binaries():  # with a password in the URL: it must not reach MLflow or the log (trust ignores it)
+            storage = servers.enter_context(postgres_server()).replace("postgres@", "postgres:not-shown@")
+        log = tmp / "first.log"
+        with open(log, "wb") as out:
+            first = subprocess.Popen(_sweep_cmd(tmp, "--trials", "2", "--storage", storage), cwd=REPO, env=env,
+                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        last = tmp / "sweep" / "trials" / "trial-001" / "checkpoints" / ckpt.LAST
+        try:
+            deadline = time.monotonic() + 480
+            while not (last.is_file() and ckpt.load_checkpoint(last)["epoch"] >= 1):
+                assert first.poll() is None, "the sweep ended before it was killed:\n" + log_tail(log, 30)
+                assert time.monotonic() < deadline, "trial 1 wrote no epoch in 480 s:\n" + log_tail(log, 30)
+                time.sleep(0.2)
+            os.killpg(first.pid, signal.SIGKILL)  # the sweep, its Prefect server, everything
+        finally:
+            stop(first)
+        resumed = subprocess.run(_sweep_cmd(tmp, "--trials", "2", "--resume", "--storage", storage), cwd=REPO,
+                                 env=env, capture_output=True, text=True, timeout=300)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        yield tmp, resumed, storage
 
 
 def test_sweep_killed_with_kill_9_resumes_to_the_same_trials_none_counted_twice(resumed_sweep):
-    tmp, resumed = resumed_sweep
-    study = optuna.load_study(study_name="sweep", storage=studies.default_storage(tmp / "sweep"))
+    tmp, resumed, storage = resumed_sweep
+    study = optuna.load_study(study_name="sweep", storage=storage)
     assert [(t.number, t.state) for t in study.trials] == [(0, TrialState.COMPLETE), (1, TrialState.COMPLETE)]
     assert "trial 1 was cut short: resuming it" in resumed.stdout + resumed.stderr
     assert "trial 0 was cut short" not in resumed.stdout + resumed.stderr  # finished: kept, not run again
@@ -161,14 +169,16 @@ def test_sweep_killed_with_kill_9_resumes_to_the_same_trials_none_counted_twice(
 
 
 def test_sweep_has_one_mlflow_parent_with_its_trials_as_children_best_params_plots_and_a_champion(resumed_sweep):
-    tmp, _ = resumed_sweep
+    tmp, resumed, storage = resumed_sweep
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id])
     [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r is not parent]
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
     assert parent.info.status == "FINISHED"
-    study = optuna.load_study(study_name="sweep", storage=studies.default_storage(tmp / "sweep"))
+    study = optuna.load_study(study_name="sweep", storage=storage)
+    assert parent.data.params["sweep.storage"] == studies.shown_storage(storage)  # no password in MLflow ...
+    assert ":not-shown@" not in resumed.stdout + resumed.stderr + parent.data.params["sweep.storage"]  # ... or the log
     best = study.best_trial
     assert parent.data.metrics["best_val_acc"] == best.value and parent.data.metrics["best_trial"] == best.number
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)} | {

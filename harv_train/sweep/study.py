@@ -39,6 +39,16 @@ def default_storage(sweep_dir: str | Path) -> str:
     return f"sqlite:///{Path(sweep_dir).resolve() / 'optuna.db'}"
 
 
+def shown_storage(url: str) -> str:
+    """The storage URL as logs and MLflow show it: a password in it becomes ***."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy parses: optuna will say so; nothing to hide
+        return url
+
+
 def _storage(url: str) -> optuna.storages.RDBStorage:
     # SQLite: wait for a lock held by another trial's process instead of failing at once.
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
@@ -51,14 +61,15 @@ def open_study(storage: str, name: str, seed: int, resume: bool) -> optuna.Study
     store = _storage(storage)
     exists = any(s.study_name == name for s in store.get_all_studies())
     if resume and not exists:
-        raise ConfigError(f"--resume: no study {name!r} in {storage}: run without --resume to start the sweep")
+        raise ConfigError(f"--resume: no study {name!r} in {shown_storage(storage)}: run without --resume to start "
+                          "the sweep")
     sampler = optuna.samplers.TPESampler(seed=seed)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=0)
     study = optuna.create_study(storage=store, study_name=name, direction="maximize", sampler=sampler,
                                 pruner=pruner, load_if_exists=True)
     if exists and not resume and study.get_trials(deepcopy=False):
-        raise ConfigError(f"a sweep with {len(study.trials)} trial(s) is already in {storage}: pass --resume to "
-                          "continue it, or choose another artifacts_dir")
+        raise ConfigError(f"a sweep with {len(study.trials)} trial(s) is already in {shown_storage(storage)}: "
+                          "pass --resume to continue it, or choose another artifacts_dir")
     return study
 
 
