@@ -135,8 +135,8 @@ class DistributedConfig(BaseModel):
         return self.nproc_per_node * self.nnodes
 
 
-# `recipe: modern`: the combination measured best on two held-out sets of real images
-# (benchmarks/bench_recipe.py; docs/params.md, Recipe options).
+# `recipe: modern`: of the options tried, the combination that gained on both held-out sets of real
+# images (benchmarks/bench_recipe.py; the figures and what lost are in docs/recipes.md).
 MODERN_RECIPE: dict[str, Any] = {
     "lr": 0.001,
     "schedule": "cosine",
@@ -247,8 +247,8 @@ class TrainConfig(BaseModel):
     # Recipe options (issue 14): the defaults are the seed's recipe (tests/test_seed_recipe.py pins it).
     recipe: Annotated[Literal["seed", "modern"], MustBe("seed or modern")] = Field(
         "seed",
-        description="A preset of the recipe keys: seed (the defaults below) or modern (docs/params.md, Recipe "
-        "options, lists what it sets and what it measured); a recipe key set explicitly overrides the preset.",
+        description="A preset of the recipe keys: seed (the defaults below) or modern (schedule cosine, warmup_epochs "
+        "1, lr 0.001; docs/recipes.md); a key set explicitly overrides the preset.",
     )
     hflip: float = Field(
         0.5, ge=0, le=1,

@@ -72,7 +72,7 @@ class TrainingSession:
                                  channels_last=cfg.channels_last, num_workers=cfg.num_workers)
         self._splits: dict[str, DecodedSplit] | None = None
         self.state: RunState | None = None
-        # Derived from the frozen weights, which never change within a run (keyed by its run_uid).
+        # Derived from the frozen weights: keyed by the run (run_uid) and n_frozen, which unfreezing lowers.
         self._frozen_for: tuple[str, int] | None = None
         self._prefix: nn.Module | None = None
         self._val_features: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -203,11 +203,13 @@ class TrainingSession:
 
     def _unfreeze_for(self, state: RunState, epoch: int, world: World) -> None:
         """Staged unfreezing: fewer frozen blocks from the epochs `unfreeze` names on."""
-        n_frozen = frozen_block_count(state.model, self.cfg.frozen_ratio_at(epoch))
+        ratio = self.cfg.frozen_ratio_at(epoch)
+        n_frozen = frozen_block_count(state.model, ratio)
         if n_frozen < state.n_frozen:
             if world.rank == 0:
-                logger.info(f"Unfreezing: epoch {epoch + 1} trains stages {n_frozen + 1}-{len(feature_blocks(state.model))} "
-                            f"(freeze_ratio {self.cfg.frozen_ratio_at(epoch)}: {n_frozen} stages frozen, were {state.n_frozen})")
+                logger.info(f"Unfreezing: epoch {epoch + 1} trains stages {n_frozen + 1}-"
+                            f"{len(feature_blocks(state.model))} (freeze_ratio {ratio}: {n_frozen} stages frozen, "
+                            f"were {state.n_frozen})")
             state.unfreeze(n_frozen)
 
     def _frozen_prefix(self, state: RunState) -> nn.Module | None:
