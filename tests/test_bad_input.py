@@ -52,7 +52,9 @@ def _valid_value(field) -> st.SearchStrategy:
         return st.from_regex(pattern, fullmatch=pattern.startswith("^")).filter(lambda v: "\n" not in v)
     if field.default is None:  # the optional lists and paths: null, or a plain value
         return st.one_of(st.none(), st.just(["a", "b"]), st.just("some/path"))
-    return st.just(field.default)
+    if typing.get_origin(annotation) is dict:  # unfreeze: epoch -> freeze_ratio, in order or not
+        return st.dictionaries(st.integers(0, 12), st.floats(0.0, 1.0), max_size=3)
+    return st.just(field.get_default(call_default_factory=True))
 
 
 # Mappings of valid values, some given in the wrong kind: most validate, so that the branch that checks
@@ -74,7 +76,8 @@ def test_any_mapping_either_validates_or_gives_a_one_line_error(raw):
         # It holds exactly what was given, and the defaults for the rest; what a run writes to
         # params.yaml reads back as the same config.
         assert isinstance(cfg, TrainConfig)
-        values, defaults = cfg.to_dict(), TrainConfig().to_dict()
+        preset = {"recipe": "modern"} if raw.get("recipe") == "modern" else {}  # fills in what raw lacks
+        values, defaults = cfg.to_dict(), TrainConfig(**preset).to_dict()
         for key, default in defaults.items():
             given = raw.get(key, default)
             if key == "distributed" and isinstance(given, dict):
