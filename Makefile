@@ -35,8 +35,9 @@ test: install
 	$(PY) -m pytest -q
 
 # The tests marked slow: crash-resume through a deployment trigger, the Prefect server gone to the end,
-# sweep trials on two workers, a sweep's worker killed mid-trial, MLflow down through a sweep, the overhead
-# benchmark (about 20 min on 2 cores)
+# sweep trials on two workers, a sweep's worker killed mid-trial, MLflow down through a sweep, an MLflow
+# server restarted mid-run, right MLflow credentials, kill -9 before a rename and inside MLflow logging,
+# the overhead benchmark (about 22 min on 2 cores)
 test-slow: install
 	$(PY) -m pytest -q -m slow
 

@@ -146,6 +146,7 @@ def _assert_logged_and_registered(url: str, run_id: str, model: str, epochs: int
     assert (champion.run_id, champion.source) == (run_id, logged.model_uri)
 
 
+@pytest.mark.slow  # the resume of the wrong-credentials test below logs and registers with the right ones too
 @pytest.mark.usefixtures("prefect_server")
 def test_a_run_with_the_right_credentials_logs_and_registers(make_config, mlflow_auth, tmp_path, monkeypatch):
     url, password = mlflow_auth

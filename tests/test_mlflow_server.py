@@ -111,6 +111,7 @@ def test_champion_alias_moves_only_when_val_accuracy_improves(make_config, serve
     assert run.data.metrics["registry_champion_val_acc"] == accs[1]
 
 
+@pytest.mark.slow  # 40 s; tests/test_faults.py covers a tracking store gone mid-run and back in-process
 def test_a_server_stopped_mid_run_and_restarted_gets_the_whole_run_with_the_default_retries(
         make_config, tmp_path, monkeypatch):
     """Killed after epoch 1 (as by a crash or an OOM), back on the same port and store after epoch 2:
