@@ -97,6 +97,14 @@ def mlflow_server(root: Path, port: int | None = None) -> Iterator[Server]:
         yield Server(url, proc)
 
 
+def worker_scratch(folder: Path) -> dict[str, str]:
+    """TMPDIR for a Prefect process worker. The worker runs each flow run in a temporary folder
+    (`tmpXXXXprefect`) that a killed worker never removes; seen in /tmp after the slow tests, holding
+    a copy of the checkout with its .venv (3-7 GB). Under `folder`, the test removes it with `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"TMPDIR": str(folder)}
+
+
 def prefect_env(home: Path, api_url: str) -> dict[str, str]:
     """The environment of a Prefect CLI, server or worker of its own: its PREFECT_HOME, its API."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}

@@ -6,6 +6,7 @@ stops after max_crash_resumes automatic resumes, Failed with one line, and is no
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 from harv_train.config import load_config
 from harv_train.core import checkpoints as ckpt
 from tests.images import write_image_folder
-from tests.servers import BIN, log_tail, prefect_env, prefect_server, stop
+from tests.servers import BIN, log_tail, prefect_env, prefect_server, stop, worker_scratch
 from tests.trained import train_epochs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,8 +58,9 @@ def _runs_until(api_url: str, env: dict, tmp_path: Path, first, done, worker_env
     with open(log_path, "wb") as log:
         worker = subprocess.Popen(
             [str(BIN / "prefect"), "worker", "start", "--pool", POOL], cwd=tmp_path,
-            env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2", **(worker_env or {})}, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True)
+            env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2", **(worker_env or {}),
+                 **worker_scratch(tmp_path / "worker-tmp")},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + timeout
             with SyncPrefectClient(api_url) as client:
@@ -75,6 +77,7 @@ def _runs_until(api_url: str, env: dict, tmp_path: Path, first, done, worker_env
                     time.sleep(2)
         finally:
             stop(worker)
+            shutil.rmtree(tmp_path / "worker-tmp", ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ from harv_train.sweep import watch
 from harv_train.sweep.space import parse_space
 from tests.images import write_image_folder
 from tests.servers import (BIN, free_port, log_tail, mlflow_server, postgres_binaries, postgres_server,
-                           prefect_env, prefect_server, stop)
+                           prefect_env, prefect_server, stop, worker_scratch)
 
 REPO = Path(__file__).resolve().parent.parent
 POOL = "sweep-pool"
@@ -268,8 +268,8 @@ def test_a_trial_run_no_worker_takes_while_none_is_online_is_cancelled_and_ends_
 
 def _worker(env: dict[str, str], tmp: Path, name: str) -> subprocess.Popen:
     return subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--limit", "1", "--name", name],
-                            cwd=tmp, env=env, start_new_session=True, stdout=open(tmp / f"{name}.log", "wb"),
-                            stderr=subprocess.STDOUT)
+                            cwd=tmp, env={**env, **worker_scratch(tmp / "worker-tmp")}, start_new_session=True,
+                            stdout=open(tmp / f"{name}.log", "wb"), stderr=subprocess.STDOUT)
 
 
 @pytest.mark.slow
@@ -309,6 +309,7 @@ def test_a_trial_whose_worker_dies_with_it_is_set_crashed_and_resumed_from_its_c
         finally:
             for proc in (sweep, *procs):
                 stop(proc)
+            shutil.rmtree(tmp_path / "worker-tmp", ignore_errors=True)
         assert sweep.returncode == 0, log_tail(log, 40) + log_tail(tmp_path / "worker-2.log", 20)
         from prefect.client.orchestration import SyncPrefectClient
 
@@ -340,7 +341,8 @@ def test_trials_run_as_deployment_runs_on_two_process_workers_none_twice(tmp_pat
         subprocess.run([str(BIN / "prefect"), "work-pool", "create", "sweep-pool", "--type", "process"],
                        cwd=REPO, env=env, check=True, capture_output=True, timeout=120)
         workers = [subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "sweep-pool", "--limit",
-                                     "1", "--name", f"worker-{i}"], cwd=tmp_path, env=env, start_new_session=True,
+                                     "1", "--name", f"worker-{i}"], cwd=tmp_path,
+                                    env={**env, **worker_scratch(tmp_path / "worker-tmp")}, start_new_session=True,
                                     stdout=open(tmp_path / f"worker-{i}.log", "wb"), stderr=subprocess.STDOUT)
                    for i in (1, 2)]
         try:
@@ -350,6 +352,7 @@ def test_trials_run_as_deployment_runs_on_two_process_workers_none_twice(tmp_pat
         finally:
             for worker in workers:
                 stop(worker)
+            shutil.rmtree(tmp_path / "worker-tmp", ignore_errors=True)
         assert result.returncode == 0, (result.stdout[-3000:] + result.stderr[-2000:]
                                         + log_tail(tmp_path / "worker-1.log", 20))
         from prefect.client.orchestration import SyncPrefectClient
