@@ -90,15 +90,21 @@ def run(data: Path, work: Path, seed: int, epochs: int, img_size: int) -> dict[s
     session.start(None)
     for epoch in range(epochs):
         session.train_epoch(epoch, progress=False)
-    best = cfg.checkpoints_dir / ckpt.BEST
-    fit = calibrate_checkpoint(best, session.splits()["val"])
+    _, scores = calibrated_test_scores(cfg.checkpoints_dir / ckpt.BEST, session.splits()["val"], data / "test")
+    return {"seed": seed, **scores}
+
+
+def calibrated_test_scores(best: Path, val, test_dir: Path) -> tuple[dict, dict[str, float]]:
+    """Fit the temperature of `best` on `val` as the flow does (calibrate_checkpoint), then score it on
+    `test_dir` without and with it; returns (the checkpoint, the scores)."""
+    fit = calibrate_checkpoint(best, val)
     state, model = load_trained_model(best)
-    test = load_eval_split(state, data / "test")
+    test = load_eval_split(state, test_dir)
     predictions = predict_split(model, test, state["mean"], state["std"])
     logits, labels = torch.from_numpy(predictions.logits), torch.from_numpy(predictions.labels)
     t = float(state["temperature"])
-    return {
-        "seed": seed, "temperature": t, "test_images": len(labels),
+    return state, {
+        "temperature": t, "test_images": len(labels),
         "test_acc": float((logits.argmax(1) == labels).double().mean()),
         "test_acc_calibrated": float(((logits / t).argmax(1) == labels).double().mean()),
         "test_nll": nll(logits, labels), "test_nll_calibrated": nll(logits, labels, t),

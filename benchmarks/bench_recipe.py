@@ -29,15 +29,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
-from bench_calibration import build_digits, build_photos  # noqa: E402
+from bench_calibration import build_digits, build_photos, calibrated_test_scores  # noqa: E402
 from harv_train.config import load_config, parse_override  # noqa: E402
 from harv_train.core import checkpoints as ckpt  # noqa: E402
-from harv_train.core.calibration import expected_calibration_error, nll  # noqa: E402
 from harv_train.core.session import TrainingSession  # noqa: E402
-from harv_train.reporting.evaluation import load_eval_split, load_trained_model, predict_split  # noqa: E402
-from harv_train.reporting.post_training import calibrate_checkpoint  # noqa: E402
 
 SETS = {"digits": build_digits, "photos": build_photos}
 
@@ -51,21 +46,9 @@ def run(data: Path, work: Path, seed: int, epochs: int, img_size: int, overrides
     session = TrainingSession(cfg)
     session.start(None)
     history = [session.train_epoch(epoch, progress=False) for epoch in range(cfg.epochs)]
-    best = cfg.checkpoints_dir / ckpt.BEST
-    calibrate_checkpoint(best, session.splits()["val"])
-    state, model = load_trained_model(best)
-    test = load_eval_split(state, data / "test")
-    predictions = predict_split(model, test, state["mean"], state["std"])
-    logits, labels = torch.from_numpy(predictions.logits), torch.from_numpy(predictions.labels)
-    t = float(state["temperature"])
-    return {
-        "seed": seed, "best_epoch": state["best_epoch"], "temperature": t,
-        "test_acc": float((logits.argmax(1) == labels).double().mean()),
-        "test_nll": nll(logits, labels), "test_nll_calibrated": nll(logits, labels, t),
-        "test_ece": expected_calibration_error(logits, labels),
-        "test_ece_calibrated": expected_calibration_error(logits, labels, t),
-        "epoch_time_s": statistics.mean(m.train_time_s for m in history),
-    }
+    state, scores = calibrated_test_scores(cfg.checkpoints_dir / ckpt.BEST, session.splits()["val"], data / "test")
+    return {"seed": seed, "best_epoch": state["best_epoch"], **scores,
+            "epoch_time_s": statistics.mean(m.train_time_s for m in history)}
 
 
 def mean(values: list[float]) -> float:
