@@ -267,6 +267,7 @@ def _trial_deployment(pool: str) -> str:
     its runs start in this repository, as prefect.yaml's deployments do."""
     from prefect import get_client
     from prefect.deployments.runner import RunnerDeployment
+    from prefect.runner.storage import LocalStorage
 
     with get_client(sync_client=True) as client:
         try:
@@ -278,7 +279,9 @@ def _trial_deployment(pool: str) -> str:
     deployment = RunnerDeployment.from_flow(train_flow, name=name, work_pool_name=pool,
                                             description="Trials of flows/sweep_flow.py on this work pool")
     deployment.entrypoint = "flows/train_flow.py:train_flow"
-    deployment._path = str(REPO)
+    # A set_working_directory pull step, as prefect.yaml's: a plain path would make the worker copy
+    # the whole repository (.venv and artifacts included) into a temporary folder for every trial run.
+    deployment.storage = LocalStorage(path=str(REPO))
     deployment.apply()
     return f"train/{name}"
 

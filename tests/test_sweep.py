@@ -357,10 +357,18 @@ def test_trials_run_as_deployment_runs_on_two_process_workers_none_twice(tmp_pat
                                         + log_tail(tmp_path / "worker-1.log", 20))
         from prefect.client.orchestration import SyncPrefectClient
 
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
         with SyncPrefectClient(api_url) as client:
             trial_runs = [r for r in client.read_flow_runs() if r.name.startswith("trial-")]
+            logs = [log.message for log in client.read_logs(
+                LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id for r in trial_runs])))]
     assert sorted(r.name for r in trial_runs) == ["trial-000", "trial-001"]  # none twice
     assert all(r.state.is_completed() for r in trial_runs)
+    # Each run starts in the repository (a set_working_directory step), as prefect.yaml's deployments
+    # do, instead of a copy of it (.venv included) in the worker's temporary folder.
+    assert logs.count("Running 1 deployment pull step(s)") == 2, logs[:10]
+    assert not [m for m in logs if m.startswith("Downloading flow code")]
     mlflow = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs([mlflow.get_experiment_by_name("sweep-test").experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
