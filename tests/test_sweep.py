@@ -118,6 +118,16 @@ def test_trial_below_the_median_is_pruned_after_its_epoch_in_optuna_mlflow_and_p
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1]
 
 
+def _wait_for_first_epoch(tmp: Path, number: int, sweep: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    """Until trial `number` has checkpointed its first epoch, while the sweep runs."""
+    last = tmp / "sweep" / "trials" / f"trial-{number:03d}" / "checkpoints" / ckpt.LAST
+    deadline = time.monotonic() + timeout_s
+    while not (last.is_file() and ckpt.load_checkpoint(last)["epoch"] >= 1):
+        assert sweep.poll() is None, "the sweep ended before the kill:\n" + log_tail(log, 30)
+        assert time.monotonic() < deadline, f"trial {number} wrote no epoch in {timeout_s} s:\n" + log_tail(log, 30)
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def resumed_sweep(tmp_path_factory):
     """A 2-trial sweep (2 epochs each; the data has a test split) killed with kill -9 once trial 1 has
@@ -136,13 +146,8 @@ def resumed_sweep(tmp_path_factory):
         with open(log, "wb") as out:
             first = subprocess.Popen(_sweep_cmd(tmp, "--trials", "2", "--storage", storage), cwd=REPO, env=env,
                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        last = tmp / "sweep" / "trials" / "trial-001" / "checkpoints" / ckpt.LAST
         try:
-            deadline = time.monotonic() + 480
-            while not (last.is_file() and ckpt.load_checkpoint(last)["epoch"] >= 1):
-                assert first.poll() is None, "the sweep ended before it was killed:\n" + log_tail(log, 30)
-                assert time.monotonic() < deadline, "trial 1 wrote no epoch in 480 s:\n" + log_tail(log, 30)
-                time.sleep(0.2)
+            _wait_for_first_epoch(tmp, 1, first, log, 480)
             os.killpg(first.pid, signal.SIGKILL)  # the sweep, its Prefect server, everything
         finally:
             stop(first)
@@ -291,13 +296,8 @@ def test_a_trial_whose_worker_dies_with_it_is_set_crashed_and_resumed_from_its_c
             sweep = subprocess.Popen(_sweep_cmd(tmp_path, "--trials", "1", "--workers", f"pool:{POOL}",
                                                 "--heartbeat-timeout", "60"),
                                      cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        last = tmp_path / "sweep" / "trials" / "trial-000" / "checkpoints" / ckpt.LAST
         try:
-            deadline = time.monotonic() + 300
-            while not (last.is_file() and ckpt.load_checkpoint(last)["epoch"] >= 1):
-                assert sweep.poll() is None, "the sweep ended before the kill:\n" + log_tail(log, 30)
-                assert time.monotonic() < deadline, "trial 0 wrote no epoch in 300 s:\n" + log_tail(log, 30)
-                time.sleep(0.2)
+            _wait_for_first_epoch(tmp_path, 0, sweep, log, 300)
             # The worker and its run (a session of its own): both stopped first, so neither sees the other die.
             machine = [procs[0].pid] + [p.pid for p in psutil.Process(procs[0].pid).children(recursive=True)]
             for pid in machine:
