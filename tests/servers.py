@@ -99,8 +99,8 @@ def mlflow_server(root: Path, port: int | None = None) -> Iterator[Server]:
 
 def worker_scratch(folder: Path) -> dict[str, str]:
     """TMPDIR for a Prefect process worker. The worker runs each flow run in a temporary folder
-    (`tmpXXXXprefect`) that a killed worker never removes; seen in /tmp after the slow tests, holding
-    a copy of the checkout with its .venv (3-7 GB). Under `folder`, the test removes it with `folder`."""
+    (`tmpXXXXprefect`) that a killed worker never removes, nor what a killed run wrote there. Under
+    `folder`, the test removes it with `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     return {"TMPDIR": str(folder)}
 

@@ -356,7 +356,6 @@ def test_trials_run_as_deployment_runs_on_two_process_workers_none_twice(tmp_pat
         assert result.returncode == 0, (result.stdout[-3000:] + result.stderr[-2000:]
                                         + log_tail(tmp_path / "worker-1.log", 20))
         from prefect.client.orchestration import SyncPrefectClient
-
         from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
         with SyncPrefectClient(api_url) as client:
