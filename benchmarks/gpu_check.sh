@@ -5,8 +5,8 @@
 #      from a CUDA-trained checkpoint, the augmentation's CPU/GPU pixels, the GPU data path, SyncBatchNorm across two ranks;
 #   3. runs benchmarks/bench_gpu.py: mobilenet_v3_small and efficientnet_b0, 1,000 and 10,000 images at
 #      224 px, fp16 against bf16, seconds per epoch, images/s, GPU busy;
-#   4. writes one JSON summary, $OUT/gpu_check.json ($OUT set) or ./gpu_check.json, and prints it last.
-# Logs beside it: gpu_tests.log, gpu_tests.xml, bench_gpu.log, bench_gpu.json.
+#   4. writes one JSON summary, $OUT/gpu_check.json ($OUT set) or ./gpu-check/gpu_check.json, and prints it
+#      last. Logs beside it: gpu_tests.log, gpu_tests.xml, bench_gpu.log, bench_gpu.json.
 # Without a CUDA GPU it says it skipped, writes a JSON saying so, and exits 0 (a few seconds).
 #
 #   bash benchmarks/gpu_check.sh                 # here or on the GPU machine (from any directory)
@@ -31,7 +31,7 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
 fi
 
 START=$(date +%s)
-OUTD="${OUT:-$HERE}"
+OUTD="${OUT:-$HERE/gpu-check}"
 [[ "$OUTD" == /* ]] || OUTD="$HERE/$OUTD"
 mkdir -p "$OUTD"
 SUMMARY="$OUTD/gpu_check.json"

@@ -15,7 +15,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 # cuBLAS reads this when it starts (the first matmul): deterministic GEMMs for the resume test.
@@ -142,11 +141,9 @@ def test_an_autocast_epoch_validates_on_its_half_precision_features(make_config)
 
 def test_gpu_check_skips_cleanly_without_a_gpu(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
-    start = time.monotonic()
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=60)  # the bound; it takes 2 s
     assert done.returncode == 0, done.stdout + done.stderr
-    assert time.monotonic() - start < 60
     assert "gpu_check: skipped" in done.stdout
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     assert summary["skipped"] is True and "CUDA" in summary["reason"]
