@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -116,6 +117,16 @@ def test_trial_below_the_median_is_pruned_after_its_epoch_in_optuna_mlflow_and_p
     assert run.info.status == "FINISHED"
     assert (run.data.tags["sweep.pruned"], run.data.tags["sweep.pruned_at_epoch"]) == ("true", "1")
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1]
+
+
+def test_sweep_plots_are_written_without_optuna_warnings_even_when_trials_score_alike(tmp_path):
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: t.suggest_float("lr", 1e-4, 1e-1, log=True) * 0 + 1.0, n_trials=3)  # all 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the user's console stays clean: any warning fails the test
+        written = studies.write_plots(study, tmp_path / "plots")
+    assert set(written) == {"optimization_history", "param_importances", "slice"}
+    assert all(path.stat().st_size > 0 for path in written.values())
 
 
 def _wait_for_first_epoch(tmp: Path, number: int, sweep: subprocess.Popen, log: Path, timeout_s: float) -> None:

@@ -9,6 +9,7 @@ from its checkpoint under the same number, so nothing is counted twice.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,7 +204,12 @@ def write_plots(study: optuna.Study, folder: Path) -> dict[str, Path]:
                        ("param_importances", ovm.plot_param_importances),
                        ("slice", ovm.plot_slice)):
         try:
-            axes = draw(study)
+            with warnings.catch_warnings():
+                # Optuna's matplotlib plots are all "experimental", and its importance evaluator warns
+                # when the trials score alike: a warning each per sweep, nothing the user can act on.
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                warnings.filterwarnings("ignore", message="Target and region quantiles select the same set")
+                axes = draw(study)
         except Exception as exc:  # too few completed trials for this plot
             logger.info(f"No {name} plot: {type(exc).__name__}: {exc}")
             continue
