@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from tests.trained import train_epochs
 
 
 @pytest.fixture
-def compile_available(monkeypatch):
-    # TORCHINDUCTOR_CACHE_DIR as the run sets it (unset here), and unset again after the test.
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+def compile_available(monkeypatch, tmp_path):
+    # The probe's kernels go under tmp_path; then TORCHINDUCTOR_CACHE_DIR is unset for the run to set,
+    # and after the test it is as it was. Inductor also writes a precompiled C++ header (about 150 MB)
+    # into /tmp/torchinductor_USER whatever that variable says: removed after the test if it was not
+    # there before.
+    headers = Path(default_cache_dir()) / "precompiled_headers"
+    headers_before = headers.exists()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "probe-inductor"))
     try:
         torch.compile(lambda x: x * 2 + 1)(torch.ones(3))
     except Exception as exc:  # no C++ compiler, an unsupported platform
         pytest.skip(f"torch.compile is not available here: {type(exc).__name__}: {exc}")
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # the probe's own default
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    yield
+    if not headers_before:
+        shutil.rmtree(headers, ignore_errors=True)
 
 
 def test_compiled_training_matches_eager_within_float_tolerance(compile_available, make_config, tmp_path):
