@@ -37,7 +37,7 @@ test: install
 # The tests marked slow: crash-resume through a deployment trigger, the Prefect server gone to the end,
 # sweep trials on two workers, a sweep's worker killed mid-trial, MLflow down through a sweep, an MLflow
 # server restarted mid-run, right MLflow credentials, kill -9 before a rename and inside MLflow logging,
-# the overhead benchmark (11 passed in 639 s on 2 cores, 2026-11-30)
+# the overhead benchmark (11 passed in 595 s on 2 cores, 2026-11-30)
 test-slow: install
 	$(PY) -m pytest -q -m slow
 

@@ -349,15 +349,11 @@ def test_trials_run_as_deployment_runs_on_two_process_workers_none_twice(tmp_pat
     with prefect_server(home) as api_url:
         env = {**prefect_env(home, api_url), "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false",
                "HARV_TRAIN_CACHE_DIR": str(tmp_path / "cache"), "PREFECT_WORKER_QUERY_SECONDS": "1"}
-        subprocess.run([str(BIN / "prefect"), "work-pool", "create", "sweep-pool", "--type", "process"],
+        subprocess.run([str(BIN / "prefect"), "work-pool", "create", POOL, "--type", "process"],
                        cwd=REPO, env=env, check=True, capture_output=True, timeout=120)
-        workers = [subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "sweep-pool", "--limit",
-                                     "1", "--name", f"worker-{i}"], cwd=tmp_path,
-                                    env={**env, **worker_scratch(tmp_path / "worker-tmp")}, start_new_session=True,
-                                    stdout=open(tmp_path / f"worker-{i}.log", "wb"), stderr=subprocess.STDOUT)
-                   for i in (1, 2)]
+        workers = [_worker(env, tmp_path, f"worker-{i}") for i in (1, 2)]
         try:
-            result = subprocess.run(_sweep_cmd(tmp_path, "--trials", "2", "--workers", "pool:sweep-pool",
+            result = subprocess.run(_sweep_cmd(tmp_path, "--trials", "2", "--workers", f"pool:{POOL}",
                                                "--parallel", "2"),
                                     cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
         finally:
