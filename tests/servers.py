@@ -99,8 +99,9 @@ def mlflow_server(root: Path, port: int | None = None) -> Iterator[Server]:
 
 def worker_scratch(folder: Path) -> dict[str, str]:
     """TMPDIR for a Prefect process worker. The worker runs each flow run in a temporary folder
-    (`tmpXXXXprefect`) that a killed worker never removes, nor what a killed run wrote there. Under
-    `folder`, the test removes it with `folder`."""
+    (`tmpXXXXprefect`) that a killed worker never removes, nor what a killed run wrote there, and its
+    runner keeps an empty `runner_storage/<uuid>` there after any stop. Under `folder`, the test
+    removes them with `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     return {"TMPDIR": str(folder)}
 

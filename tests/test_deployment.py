@@ -26,7 +26,7 @@ from prefect.server.schemas.schedules import CronSchedule
 
 from harv_train.core import checkpoints as ckpt
 from tests.images import write_image_folder
-from tests.servers import BIN, log_tail, free_port, prefect_env, prefect_server, running_server, stop
+from tests.servers import BIN, log_tail, free_port, prefect_env, prefect_server, running_server, stop, worker_scratch
 
 REPO = Path(__file__).resolve().parent.parent
 POOL = "harv-train-pool"
@@ -97,8 +97,8 @@ def test_triggered_runs_complete_on_a_process_worker_one_at_a_time_with_checkpoi
     with open(worker_log, "wb") as log:
         worker = subprocess.Popen(
             [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--limit", "2"], cwd=tmp_path,
-            env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2", **worker_scratch(tmp_path / "worker-tmp")},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 420
             with SyncPrefectClient(api_url) as client:
