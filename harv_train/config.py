@@ -10,6 +10,7 @@ bounds and description in one place; the "must be" wording of its error is deriv
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,13 +136,24 @@ class DistributedConfig(BaseModel):
         return self.nproc_per_node * self.nnodes
 
 
-# `recipe: modern`: of the options tried, the combination that gained on both held-out sets of real
-# images (benchmarks/bench_recipe.py; the figures and what lost are in docs/recipes.md).
+# `recipe: modern`: of the options tried, the combination that gained most on both held-out sets of
+# real images (benchmarks/bench_recipe.py; the figures and what lost are in docs/recipes.md). Besides
+# these keys it sets `unfreeze` from the run's length: `modern_unfreeze`.
 MODERN_RECIPE: dict[str, Any] = {
-    "lr": 0.001,
+    "lr": 0.003,
     "schedule": "cosine",
     "warmup_epochs": 1,
+    "label_smoothing": 0.1,
 }
+MODERN_KEYS = (*MODERN_RECIPE, "unfreeze")
+
+
+def modern_unfreeze(epochs: int, freeze_ratio: float) -> dict[int, float]:
+    """`recipe: modern`'s staged unfreezing: half of the frozen stages also train in the second half of
+    the run (from 1-based epoch ceil(epochs / 2) + 1); nothing for a one-epoch run or with nothing frozen."""
+    if epochs < 2 or not freeze_ratio > 0:
+        return {}
+    return {math.ceil(epochs / 2) + 1: round(freeze_ratio / 2, 6)}
 
 
 class TrainConfig(BaseModel):
@@ -248,7 +260,8 @@ class TrainConfig(BaseModel):
     recipe: Annotated[Literal["seed", "modern"], MustBe("seed or modern")] = Field(
         "seed",
         description="A preset of the recipe keys: seed (the defaults below) or modern (schedule cosine, warmup_epochs "
-        "1, lr 0.001; docs/recipes.md); a key set explicitly overrides the preset.",
+        "1, lr 0.003, label_smoothing 0.1, and unfreeze: half of the frozen stages train in the second half of the "
+        "run; docs/recipes.md); a key set explicitly overrides the preset.",
     )
     hflip: float = Field(
         0.5, ge=0, le=1,
@@ -353,7 +366,15 @@ class TrainConfig(BaseModel):
     def _recipe_preset(cls, raw: Any) -> Any:
         """`recipe: modern` fills in the recipe keys the params do not set."""
         if isinstance(raw, Mapping) and raw.get("recipe") == "modern":
-            return {**MODERN_RECIPE, **raw}
+            preset = dict(MODERN_RECIPE)
+            if "unfreeze" not in raw:
+                try:
+                    epochs = int(raw.get("epochs", cls.model_fields["epochs"].default))
+                    ratio = float(raw.get("freeze_ratio", cls.model_fields["freeze_ratio"].default))
+                    preset["unfreeze"] = modern_unfreeze(epochs, ratio)
+                except (TypeError, ValueError):
+                    pass  # an invalid epochs or freeze_ratio gets its own error from its field
+            return {**preset, **raw}
         return raw
 
     @model_validator(mode="after")

@@ -76,7 +76,9 @@ def test_any_mapping_either_validates_or_gives_a_one_line_error(raw):
         # It holds exactly what was given, and the defaults for the rest; what a run writes to
         # params.yaml reads back as the same config.
         assert isinstance(cfg, TrainConfig)
-        preset = {"recipe": "modern"} if raw.get("recipe") == "modern" else {}  # fills in what raw lacks
+        # The preset fills in what raw lacks; its unfreeze follows the run's epochs and freeze_ratio.
+        preset = {"recipe": "modern", **{k: raw[k] for k in ("epochs", "freeze_ratio") if k in raw}} \
+            if raw.get("recipe") == "modern" else {}
         values, defaults = cfg.to_dict(), TrainConfig(**preset).to_dict()
         for key, default in defaults.items():
             given = raw.get(key, default)

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from harv_train.config import (
-    MODERN_RECIPE,
+    MODERN_KEYS,
     VALID_KEYS,
     DistributedConfig,
     DistributedOverrides,
@@ -38,7 +38,7 @@ def test_repo_params_yaml_has_the_seed_defaults():
 def test_every_key_in_repo_params_yaml_is_documented_there():
     text = "\n" + (REPO / "params.yaml").read_text()
     # The keys of recipe: modern are there commented out: set, they would win over the preset.
-    missing = [k for k in VALID_KEYS if f"\n{k}:" not in text and not (k in MODERN_RECIPE and f"\n# {k}:" in text)]
+    missing = [k for k in VALID_KEYS if f"\n{k}:" not in text and not (k in MODERN_KEYS and f"\n# {k}:" in text)]
     assert missing == []
 
 

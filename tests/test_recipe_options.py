@@ -101,15 +101,29 @@ def test_resume_with_other_optimizer_groups_or_schedule_is_refused_in_one_line(m
 
 
 def test_recipe_modern_presets_its_keys_and_explicit_keys_win():
-    from harv_train.config import MODERN_RECIPE, load_config
+    from harv_train.config import MODERN_KEYS, MODERN_RECIPE, load_config
 
     modern = load_config(None, {"recipe": "modern"})
-    assert (modern.schedule, modern.warmup_epochs, modern.lr) == ("cosine", 1, 0.001)
+    assert (modern.schedule, modern.warmup_epochs, modern.lr, modern.label_smoothing) == ("cosine", 1, 0.003, 0.1)
     assert {k: getattr(modern, k) for k in MODERN_RECIPE} == MODERN_RECIPE
-    mine = load_config(None, {"recipe": "modern", "lr": 0.01, "warmup_epochs": 0})
-    assert (mine.schedule, mine.warmup_epochs, mine.lr) == ("cosine", 0, 0.01)
+    mine = load_config(None, {"recipe": "modern", "lr": 0.01, "warmup_epochs": 0, "unfreeze": {}})
+    assert (mine.schedule, mine.warmup_epochs, mine.lr, mine.unfreeze) == ("cosine", 0, 0.01, {})
     # A run's resolved params (params.yaml in its checkpoints folder) hold the preset's values as keys.
-    assert {k: modern.to_dict()[k] for k in MODERN_RECIPE} == MODERN_RECIPE
+    assert {k: modern.to_dict()[k] for k in MODERN_KEYS} == {**MODERN_RECIPE, "unfreeze": modern.unfreeze}
+
+
+@pytest.mark.parametrize(("epochs", "freeze_ratio", "unfreeze"), [
+    (6, 0.7, {4: 0.35}),   # the measured run: epochs 4-6 train half of the frozen stages too
+    (3, 0.7, {3: 0.35}),   # an odd length: the shorter half
+    (12, 0.5, {7: 0.25}),
+    (1, 0.7, {}),          # no second half
+    (6, 0.0, {}),          # nothing frozen
+])
+def test_recipe_modern_unfreezes_half_the_frozen_stages_for_the_second_half_of_the_run(epochs, freeze_ratio, unfreeze):
+    from harv_train.config import load_config
+
+    cfg = load_config(None, {"recipe": "modern", "epochs": epochs, "freeze_ratio": freeze_ratio})
+    assert cfg.unfreeze == unfreeze
 
 
 def test_recipe_seed_is_the_default_and_sets_nothing(make_config):
