@@ -148,10 +148,14 @@ MODERN_RECIPE: dict[str, Any] = {
 MODERN_KEYS = (*MODERN_RECIPE, "unfreeze")
 
 
+# Shorter runs do not unfreeze: at 3 epochs, one unfrozen last epoch lost 8 points on the photos.
+MODERN_UNFREEZE_MIN_EPOCHS = 6
+
+
 def modern_unfreeze(epochs: int, freeze_ratio: float) -> dict[int, float]:
     """`recipe: modern`'s staged unfreezing: half of the frozen stages also train in the second half of
-    the run (from 1-based epoch ceil(epochs / 2) + 1); nothing for a one-epoch run or with nothing frozen."""
-    if epochs < 2 or not freeze_ratio > 0:
+    a run of 6 epochs or more (from 1-based epoch ceil(epochs / 2) + 1); nothing with nothing frozen."""
+    if epochs < MODERN_UNFREEZE_MIN_EPOCHS or not freeze_ratio > 0:
         return {}
     return {math.ceil(epochs / 2) + 1: round(freeze_ratio / 2, 6)}
 
@@ -260,8 +264,8 @@ class TrainConfig(BaseModel):
     recipe: Annotated[Literal["seed", "modern"], MustBe("seed or modern")] = Field(
         "seed",
         description="A preset of the recipe keys: seed (the defaults below) or modern (schedule cosine, warmup_epochs "
-        "1, lr 0.003, label_smoothing 0.1, and unfreeze: half of the frozen stages train in the second half of the "
-        "run; docs/recipes.md); a key set explicitly overrides the preset.",
+        "1, lr 0.003, label_smoothing 0.1, and unfreeze: half of the frozen stages train in the second half of a "
+        "run of 6+ epochs; docs/recipes.md); a key set explicitly overrides the preset.",
     )
     hflip: float = Field(
         0.5, ge=0, le=1,
