@@ -14,7 +14,11 @@ Sets (neither is the demo data):
 Each run trains the seed recipe (efficientnet_lite0, ImageNet weights from its pip package, no
 network) with TrainingSession, fits the temperature on val as the flow does (calibrate_checkpoint),
 then measures the best checkpoint on the test split: accuracy, NLL and ECE (15 bins) without and with
-the temperature. Prints one line per run, mean +- std per set, and one JSON line.
+the temperature; and, without the shift between val and test, the ECE on val cross-fitted (T fitted
+on alternate val images, scored on the others, both ways). Prints one line per run, mean +- std per
+set, and one JSON line. `test_ece_floor` is the ECE a perfectly calibrated model would show on the
+test images (labels drawn from its own calibrated probabilities): the noise an ECE of a few hundred
+images carries.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from PIL import Image  # noqa: E402
 
 from harv_train.config import load_config  # noqa: E402
 from harv_train.core import checkpoints as ckpt  # noqa: E402
-from harv_train.core.calibration import expected_calibration_error, nll  # noqa: E402
+from harv_train.core.calibration import expected_calibration_error, fit_temperature, nll  # noqa: E402
 from harv_train.core.session import TrainingSession  # noqa: E402
 from harv_train.reporting.evaluation import load_eval_split, load_trained_model, predict_split  # noqa: E402
 from harv_train.reporting.post_training import calibrate_checkpoint  # noqa: E402
@@ -110,8 +114,32 @@ def calibrated_test_scores(best: Path, val, test_dir: Path) -> tuple[dict, dict[
         "test_nll": nll(logits, labels), "test_nll_calibrated": nll(logits, labels, t),
         "test_ece": expected_calibration_error(logits, labels),
         "test_ece_calibrated": expected_calibration_error(logits, labels, t),
+        "test_ece_floor": ece_floor(logits, t),
         "val_ece": fit.ece_before, "val_ece_calibrated": fit.ece_after,
+        **crossfit_val_ece(model, val, state),
     }
+
+
+def ece_floor(logits: torch.Tensor, temperature: float, draws: int = 200) -> float:
+    """The ECE a perfectly calibrated model would still show on this many images: the mean ECE over
+    labels drawn from softmax(logits / T) itself. A measured ECE near it is within sampling noise."""
+    probabilities = torch.softmax(logits.double() / temperature, dim=1)
+    drawn = torch.multinomial(probabilities, draws, replacement=True, generator=torch.Generator().manual_seed(0))
+    return statistics.mean(expected_calibration_error(logits, drawn[:, i], temperature) for i in range(draws))
+
+
+def crossfit_val_ece(model, val, state: dict) -> dict[str, float]:
+    """ECE on val without the shift between val and test: T fitted on one half of val (alternate
+    images) and scored on the other, both ways, averaged; the raw ECE on the same halves beside it."""
+    predictions = predict_split(model, val, state["mean"], state["std"])
+    logits, labels = torch.from_numpy(predictions.logits), torch.from_numpy(predictions.labels)
+    halves = [torch.arange(i, len(labels), 2) for i in (0, 1)]
+    before, after = [], []
+    for fit_on, score_on in (halves, halves[::-1]):
+        t = fit_temperature(logits[fit_on], labels[fit_on])
+        before.append(expected_calibration_error(logits[score_on], labels[score_on]))
+        after.append(expected_calibration_error(logits[score_on], labels[score_on], t))
+    return {"val_crossfit_ece": statistics.mean(before), "val_crossfit_ece_calibrated": statistics.mean(after)}
 
 
 def mean_std(values: list[float]) -> str:
