@@ -92,8 +92,8 @@ def main() -> None:
     print(f"\nefficientnet_lite0 (ImageNet), {args.epochs} epochs, {args.img_size} px, seeds {args.seeds}")
     for name, overrides in candidates:
         print(f"  {name}: {overrides}")
-    keys = ("test_acc", "test_nll", "test_nll_calibrated", "test_ece", "test_ece_calibrated", "test_ece_floor", "val_crossfit_ece",
-            "val_crossfit_ece_calibrated", "epoch_time_s")
+    keys = ("test_acc", "test_nll", "test_nll_calibrated", "test_ece", "test_ece_calibrated", "test_ece_floor",
+            "val_crossfit_ece", "val_crossfit_ece_calibrated", "epoch_time_s")
     comparison: dict[str, dict[str, dict[str, float]]] = {}
     for set_name, by_name in results.items():
         base_name = candidates[0][0]

@@ -21,28 +21,29 @@ def _run(cfg, epochs):
     return [session.train_epoch(e, progress=False) for e in range(epochs)]
 
 
-def test_blocks_unfreeze_at_the_epochs_the_schedule_names(make_config):
-    cfg = make_config(epochs=3, freeze_ratio=0.7, unfreeze={2: 0.3, 3: 0.0})  # 13 stages: 9, then 3, then 0 frozen
+def _frozen_after_each_epoch(cfg) -> list[tuple[int, list[bool]]]:
+    """Per epoch of a whole run: last.pth's n_frozen, and which stages of the live model were trainable."""
     session = TrainingSession(cfg)
     session.start(None)
-    frozen = []
-    for epoch in range(3):
+    after = []
+    for epoch in range(cfg.epochs):
         session.train_epoch(epoch, progress=False)
-        frozen.append(ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.LAST)["n_frozen"])
-        stages = feature_blocks(session.state.model)
-        assert [all(p.requires_grad for p in s.parameters()) for s in stages] == [i >= frozen[-1] for i in range(13)]
-    assert frozen == [9, 3, 0]
+        trainable = [all(p.requires_grad for p in s.parameters()) for s in feature_blocks(session.state.model)]
+        after.append((ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.LAST)["n_frozen"], trainable))
+    return after
+
+
+def test_blocks_unfreeze_at_the_epochs_the_schedule_names(make_config):
+    cfg = make_config(epochs=3, freeze_ratio=0.7, unfreeze={2: 0.3, 3: 0.0})  # 13 stages: 9, then 3, then 0 frozen
+    after = _frozen_after_each_epoch(cfg)
+    for n_frozen, trainable in after:
+        assert trainable == [i >= n_frozen for i in range(13)]
+    assert [n_frozen for n_frozen, _ in after] == [9, 3, 0]
 
 
 def test_a_modern_run_trains_half_its_frozen_stages_too_in_its_second_half(make_config):
     cfg = make_config(recipe="modern", epochs=6)  # freeze_ratio 0.7 of 13 stages: 9 frozen, then 0.35: 4
-    session = TrainingSession(cfg)
-    session.start(None)
-    frozen = []
-    for epoch in range(6):
-        session.train_epoch(epoch, progress=False)
-        frozen.append(ckpt.load_checkpoint(cfg.checkpoints_dir / ckpt.LAST)["n_frozen"])
-    assert frozen == [9, 9, 9, 4, 4, 4]
+    assert [n_frozen for n_frozen, _ in _frozen_after_each_epoch(cfg)] == [9, 9, 9, 4, 4, 4]
 
 
 def test_the_optimizer_keeps_what_trained_and_the_schedule_goes_on(make_config):
