@@ -8,17 +8,16 @@ Sets (neither is the demo data):
   10 classes; 500 train, 200 val, the other 1097 test.
 - photos: which photo a 48x48 crop comes from, for 8 photos of scikit-image and scikit-learn
   (astronaut, coffee, chelsea, rocket, hubble_deep_field, immunohistochemistry, china, flower);
-  train, val and test crops come from disjoint bands of each photo (top 60%, next 20%, last 20%), so
-  no test pixel was seen in training; 60 / 20 / 40 crops per photo.
+  60 / 20 / 120 crops per photo (480 / 160 / 960); no val or test pixel is seen in training. With
+  `--photos-layout cells` (the default) each photo's cells go to the splits at random; with `shift`
+  val and test come from the bottom of each photo, training from the top (photo_regions).
 
 Each run trains the seed recipe (efficientnet_lite0, ImageNet weights from its pip package, no
 network) with TrainingSession, fits the temperature on val as the flow does (calibrate_checkpoint),
 then measures the best checkpoint on the test split: accuracy, NLL and ECE (15 bins) without and with
-the temperature; and, without the shift between val and test, the ECE on val cross-fitted (T fitted
-on alternate val images, scored on the others, both ways). Prints one line per run, mean +- std per
-set, and one JSON line. `test_ece_floor` is the ECE a perfectly calibrated model would show on the
-test images (labels drawn from its own calibrated probabilities): the noise an ECE of a few hundred
-images carries.
+the temperature. Prints one line per run, mean +- std per set, and one JSON line. `test_ece_floor` is
+the ECE a perfectly calibrated model would show on the test images (labels drawn from its own
+calibrated probabilities): the noise an ECE of a few hundred images carries.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ from PIL import Image  # noqa: E402
 
 from harv_train.config import load_config  # noqa: E402
 from harv_train.core import checkpoints as ckpt  # noqa: E402
-from harv_train.core.calibration import expected_calibration_error, fit_temperature, nll  # noqa: E402
+from harv_train.core.calibration import expected_calibration_error, nll  # noqa: E402
 from harv_train.core.session import TrainingSession  # noqa: E402
 from harv_train.reporting.evaluation import load_eval_split, load_trained_model, predict_split  # noqa: E402
 from harv_train.reporting.post_training import calibrate_checkpoint  # noqa: E402
@@ -63,7 +62,34 @@ def build_digits(root: Path) -> Path:
     return root
 
 
-def build_photos(root: Path, crop: int = 48) -> Path:
+# crops per photo; the test split is the largest so that its ECE carries little sampling noise
+PHOTO_CROPS = {"train": 60, "val": 20, "test": 120}
+PHOTO_LAYOUTS = ("cells", "shift")
+
+Region = tuple[int, int, int, int]  # top, bottom, left, right
+
+
+def photo_regions(h: int, w: int, layout: str, crop: int, rng: np.random.Generator) -> dict[str, list[Region]]:
+    """Where each split's crops of one h x w photo come from; the splits share no pixel.
+    - cells: the photo cut into (crop + 16)-px cells, shuffled, 60% of them train, 20% val, 20% test:
+      the three splits drawn alike, as a random split of one folder is.
+    - shift: train from the top 60% of the photo; val and test from the bottom 40%, in columns 2 x crop
+      wide that alternate between them: the test is a shift away from training (as new photos can
+      be) that val, drawn like test, represents."""
+    if layout == "cells":
+        size = crop + 16
+        cells = [(top, top + size, left, left + size)
+                 for top in range(0, h - size + 1, size) for left in range(0, w - size + 1, size)]
+        order = [cells[i] for i in rng.permutation(len(cells))]
+        n_train, n_val = round(0.6 * len(cells)), round(0.2 * len(cells))
+        return {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    held_out_top = int(0.6 * h)
+    columns = [(held_out_top, h, left, min(left + 2 * crop, w)) for left in range(0, w - crop + 1, 2 * crop)]
+    return {"train": [(0, held_out_top, 0, w)], "val": columns[0::2], "test": columns[1::2]}
+
+
+def build_photos(root: Path, layout: str = "cells", crop: int = 48) -> Path:
+    """Which of 8 photos a crop x crop crop comes from; `layout` places the splits (photo_regions)."""
     from skimage import data
     from sklearn.datasets import load_sample_images
 
@@ -72,14 +98,12 @@ def build_photos(root: Path, crop: int = 48) -> Path:
     china, flower = load_sample_images().images
     photos.update(china=china, flower=flower)
     rng = np.random.default_rng(0)
-    bands = {"train": (0.0, 0.6, 60), "val": (0.6, 0.8, 20), "test": (0.8, 1.0, 40)}
     for name, image in photos.items():
-        h, w = image.shape[:2]
-        for split, (start, end, count) in bands.items():
-            top, bottom = int(start * h), int(end * h) - crop
-            for k in range(count):
-                y = int(rng.integers(top, max(top + 1, bottom)))
-                x = int(rng.integers(0, w - crop))
+        for split, regions in photo_regions(*image.shape[:2], layout, crop, rng).items():
+            for k in range(PHOTO_CROPS[split]):
+                top, bottom, left, right = regions[int(rng.integers(len(regions)))]
+                y = int(rng.integers(top, bottom - crop + 1))
+                x = int(rng.integers(left, right - crop + 1))
                 _save(root, split, name, k, np.ascontiguousarray(image[y:y + crop, x:x + crop, :3]))
     return root
 
@@ -116,7 +140,6 @@ def calibrated_test_scores(best: Path, val, test_dir: Path) -> tuple[dict, dict[
         "test_ece_calibrated": expected_calibration_error(logits, labels, t),
         "test_ece_floor": ece_floor(logits, t),
         "val_ece": fit.ece_before, "val_ece_calibrated": fit.ece_after,
-        **crossfit_val_ece(model, val, state),
     }
 
 
@@ -126,20 +149,6 @@ def ece_floor(logits: torch.Tensor, temperature: float, draws: int = 200) -> flo
     probabilities = torch.softmax(logits.double() / temperature, dim=1)
     drawn = torch.multinomial(probabilities, draws, replacement=True, generator=torch.Generator().manual_seed(0))
     return statistics.mean(expected_calibration_error(logits, drawn[:, i], temperature) for i in range(draws))
-
-
-def crossfit_val_ece(model, val, state: dict) -> dict[str, float]:
-    """ECE on val without the shift between val and test: T fitted on one half of val (alternate
-    images) and scored on the other, both ways, averaged; the raw ECE on the same halves beside it."""
-    predictions = predict_split(model, val, state["mean"], state["std"])
-    logits, labels = torch.from_numpy(predictions.logits), torch.from_numpy(predictions.labels)
-    halves = [torch.arange(i, len(labels), 2) for i in (0, 1)]
-    before, after = [], []
-    for fit_on, score_on in (halves, halves[::-1]):
-        t = fit_temperature(logits[fit_on], labels[fit_on])
-        before.append(expected_calibration_error(logits[score_on], labels[score_on]))
-        after.append(expected_calibration_error(logits[score_on], labels[score_on], t))
-    return {"val_crossfit_ece": statistics.mean(before), "val_crossfit_ece_calibrated": statistics.mean(after)}
 
 
 def mean_std(values: list[float]) -> str:
@@ -152,18 +161,22 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--img-size", type=int, default=64)
     parser.add_argument("--sets", nargs="+", default=["digits", "photos"], choices=["digits", "photos"])
+    parser.add_argument("--photos-layout", default="cells", choices=PHOTO_LAYOUTS,
+                        help="where photos' val and test crops come from (photo_regions)")
     args = parser.parse_args()
     results: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="harv-bench-calibration-") as tmp:
         for name in args.sets:
-            data = {"digits": build_digits, "photos": build_photos}[name](Path(tmp, name, "data"))
+            root = Path(tmp, name, "data")
+            data = build_photos(root, args.photos_layout) if name == "photos" else build_digits(root)
             results[name] = []
             for seed in args.seeds:
                 r = run(data, Path(tmp, name, f"run-{seed}"), seed, args.epochs, args.img_size)
                 results[name].append(r)
                 print(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                          for k, v in r.items() if k != "seed"), flush=True)
-    print(f"\nefficientnet_lite0 (ImageNet), seed recipe, {args.epochs} epochs, {args.img_size} px, seeds {args.seeds}")
+    print(f"\nefficientnet_lite0 (ImageNet), seed recipe, {args.epochs} epochs, {args.img_size} px, seeds {args.seeds}, "
+          f"photos layout {args.photos_layout}")
     keys = ("test_acc", "test_acc_calibrated", "test_nll", "test_nll_calibrated", "test_ece", "test_ece_calibrated",
             "temperature")
     for name, runs in results.items():
@@ -171,7 +184,8 @@ def main() -> None:
               + "; ".join(f"{k} {mean_std([r[k] for r in runs])}" for k in keys))
         cut = [1 - r["test_ece_calibrated"] / r["test_ece"] for r in runs if r["test_ece"] > 0]
         print(f"  ECE cut by temperature scaling: {mean_std(cut)} (fraction)")
-    print(json.dumps({"epochs": args.epochs, "img_size": args.img_size, "results": results}))
+    print(json.dumps({"epochs": args.epochs, "img_size": args.img_size, "photos_layout": args.photos_layout,
+                      "results": results}))
 
 
 if __name__ == "__main__":

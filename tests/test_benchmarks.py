@@ -71,3 +71,22 @@ def test_distributed_benchmark_holds_out_real_digits_for_validation(tmp_path):
     assert [len(splits["train"].samples), len(splits["val"].samples)] == [30, 20]
     train_names = {p.name for p, _ in splits["train"].samples}
     assert not train_names & {p.name for p, _ in splits["val"].samples}  # held out
+
+
+@pytest.mark.parametrize("layout", ["cells", "shift"])
+def test_held_out_photos_share_no_pixel_with_training_or_each_other(layout):
+    import numpy as np
+    from bench_calibration import PHOTO_LAYOUTS, photo_regions
+
+    assert layout in PHOTO_LAYOUTS
+    crop = 48
+    for h, w in [(300, 451), (427, 640), (512, 512), (872, 1000)]:  # the shapes of the photos it uses
+        regions = photo_regions(h, w, layout, crop, np.random.default_rng(0))
+        owner = np.full((h, w), "", dtype=object)
+        for split, boxes in regions.items():
+            assert boxes, (split, h, w)
+            for top, bottom, left, right in boxes:
+                assert 0 <= top and bottom <= h and 0 <= left and right <= w
+                assert bottom - top >= crop and right - left >= crop  # a crop fits inside
+                assert set(np.unique(owner[top:bottom, left:right])) <= {"", split}, (split, h, w)
+                owner[top:bottom, left:right] = split
