@@ -219,7 +219,10 @@ def _train_tracked(cfg: TrainConfig, session: TrainingSession, data: DataSummary
     write_params_file(cfg, params_copy)
     calibration = calibrate_task(session) if cfg.calibrate else None  # before the model is logged: it carries T
     _log_run(cfg, session, tracker, summary, params_copy, data, run_tags)
-    if calibration:
+    if calibration and not calibration.errors:
+        logger.warning(f"Temperature kept at 1: best_model.pth gets all {calibration.images} val images right, which "
+                       "cannot show how sure it should be; a larger val split, with images it gets wrong, can.")
+    elif calibration:
         logger.info(f"Calibration on {calibration.images} val images: temperature {calibration.temperature:.3f}, "
                     f"ECE {calibration.ece_before:.4f} -> {calibration.ece_after:.4f}, "
                     f"NLL {calibration.nll_before:.4f} -> {calibration.nll_after:.4f}")

@@ -29,3 +29,13 @@ def write_image_folder(
                 pixels = np.clip(palette[label % len(palette)] + noise, 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{name}_{i}.png")
     return root
+
+
+def file_one_image_under_the_other_class(split: Path) -> Path:
+    """Move the first image of each of the split's two classes into the other's folder: a model that
+    learnt the colours gets those two wrong (what a temperature needs to be fitted). Returns `split`."""
+    first, second = sorted(p for p in split.iterdir() if p.is_dir())
+    a, b = sorted(first.iterdir())[0], sorted(second.iterdir())[0]
+    a.rename(second / f"moved-{a.name}")
+    b.rename(first / f"moved-{b.name}")
+    return split

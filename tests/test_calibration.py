@@ -13,10 +13,11 @@ from PIL import Image, ImageOps
 
 from flows.predict import main as predict_main
 from harv_train.core import checkpoints as ckpt
-from harv_train.core.calibration import expected_calibration_error, fit_temperature, reliability_bins
+from harv_train.core.calibration import calibrate, expected_calibration_error, fit_temperature, reliability_bins
 from harv_train.reporting.evaluation import evaluate_checkpoint, load_eval_split, load_trained_model
 from harv_train.reporting.export import export_checkpoint
 from harv_train.reporting.post_training import calibrate_checkpoint
+from tests.images import file_one_image_under_the_other_class
 from tests.trained import oracle_logits, shared_tiny
 
 
@@ -49,28 +50,44 @@ def test_temperature_scaling_lowers_ece_and_changes_no_prediction():
     assert torch.equal((logits / t).argmax(1), logits.argmax(1))
 
 
+def test_a_val_set_the_model_gets_all_right_keeps_the_temperature_at_one():
+    """No error: the NLL only falls as T -> 0, so a fit would make the model as sure as the bound allows."""
+    logits = torch.tensor([[4.0, 1.0], [0.5, 3.0], [2.0, 1.5]])
+    labels = torch.tensor([0, 1, 0])
+    assert fit_temperature(logits, labels) < 0.2  # what fitting anyway would serve
+    result = calibrate(logits, labels)
+    assert (result.temperature, result.errors) == (1.0, 0)
+    assert (result.ece_after, result.nll_after) == (result.ece_before, result.nll_before)
+    one_wrong = calibrate(logits, torch.tensor([0, 1, 1]))
+    assert one_wrong.errors == 1 and one_wrong.temperature != 1.0
+
+
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
-    """A copy of the shared tiny checkpoint, calibrated on its val images."""
+    """A copy of the shared tiny checkpoint, calibrated on its val images with one image of each class
+    filed under the other (the model gets them all right, which leaves T at 1); returns that folder."""
     cfg, best = shared_tiny()
-    path = tmp_path_factory.mktemp("calibrated") / ckpt.BEST
+    root = tmp_path_factory.mktemp("calibrated")
+    path = root / ckpt.BEST
     shutil.copyfile(best, path)
+    val = file_one_image_under_the_other_class(shutil.copytree(Path(cfg.data_dir, "val"), root / "val"))
     state, _ = load_trained_model(path)
-    result = calibrate_checkpoint(path, load_eval_split(state, Path(cfg.data_dir, "val")))
-    return cfg, path, result
+    result = calibrate_checkpoint(path, load_eval_split(state, val))
+    return val, path, result
 
 
 def test_calibration_writes_the_temperature_and_what_it_did_into_the_checkpoint(calibrated):
     _, path, result = calibrated
     state = ckpt.load_checkpoint(path)
     assert state["temperature"] == result.temperature and result.temperature != 1.0
+    assert state["calibration"]["errors"] == result.errors == 2
     assert state["calibration"]["ece_after"] <= state["calibration"]["ece_before"]
     assert state["calibration"]["nll_after"] <= state["calibration"]["nll_before"]
 
 
 def test_the_report_gives_ece_before_and_after_and_a_reliability_diagram(calibrated, tmp_path):
-    cfg, path, result = calibrated
-    report = evaluate_checkpoint(path, Path(cfg.data_dir, "val"), tmp_path)
+    val, path, result = calibrated
+    report = evaluate_checkpoint(path, val, tmp_path)
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["temperature"] == result.temperature
     assert saved["ece"] == pytest.approx(result.ece_before) and saved["ece_calibrated"] == pytest.approx(result.ece_after)

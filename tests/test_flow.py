@@ -14,6 +14,7 @@ from flows.train_flow import train_flow
 from harv_train.core import checkpoints as ckpt
 from harv_train.core import session as session_module
 from harv_train.config import write_params_file
+from tests.images import file_one_image_under_the_other_class
 from tests.trained import calibrated_weights, oracle_logits
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -62,8 +63,10 @@ def test_logged_model_computes_what_the_best_checkpoint_computes(make_config, tm
     import pandas as pd
 
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
-    # Calibrated weights: a random-init model at 32 px gives every image the same logits.
+    # Calibrated weights: a random-init model at 32 px gives every image the same logits. Two val images
+    # it gets wrong: a temperature is fitted only on a val split that has errors.
     cfg = make_config(epochs=1, pretrained=True, weights_path=str(calibrated_weights()))
+    file_one_image_under_the_other_class(Path(cfg.data_dir, "val"))
     state = _run(cfg, tmp_path)
     client, run = _mlflow_run(cfg, state.result().mlflow_run_id)
     [logged] = client.search_logged_models(experiment_ids=[run.info.experiment_id])

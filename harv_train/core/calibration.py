@@ -20,8 +20,9 @@ from torch import nn
 from torch.nn import functional as F
 
 ECE_BINS = 15
-# A validation set the model gets entirely right with large margins drives the NLL optimum to T -> 0
-# (ever sharper); one it gets all wrong, to T -> inf. The bounds keep T finite and meaningful.
+# A validation set the model gets entirely right has no NLL optimum: the NLL falls without end as
+# T -> 0 (ever surer), so `calibrate` keeps T = 1 there. One with a few errors and wide margins can
+# still pull T low, one it gets all wrong towards inf: the bounds keep T finite.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
 
 
@@ -96,20 +97,25 @@ class Calibration:
 
     temperature: float
     images: int
+    errors: int  # misclassified images; with none, nothing was fitted and T is 1
     ece_before: float
     ece_after: float
     nll_before: float
     nll_after: float
 
     def to_dict(self) -> dict[str, float]:
-        return {"temperature": self.temperature, "images": self.images, "ece_before": self.ece_before,
-                "ece_after": self.ece_after, "nll_before": self.nll_before, "nll_after": self.nll_after}
+        return {"temperature": self.temperature, "images": self.images, "errors": self.errors,
+                "ece_before": self.ece_before, "ece_after": self.ece_after,
+                "nll_before": self.nll_before, "nll_after": self.nll_after}
 
 
 def calibrate(logits: torch.Tensor, labels: torch.Tensor) -> Calibration:
-    t = fit_temperature(logits, labels)
+    """Fit T on these logits. Where the model gets every one right they cannot say how sure it should
+    be (the fit would only sharpen it to the lower bound), so T stays 1."""
+    errors = int((logits.argmax(1) != labels.long()).sum())
+    t = fit_temperature(logits, labels) if errors else 1.0
     return Calibration(
-        temperature=t, images=len(labels),
+        temperature=t, images=len(labels), errors=errors,
         ece_before=expected_calibration_error(logits, labels), ece_after=expected_calibration_error(logits, labels, t),
         nll_before=nll(logits, labels), nll_after=nll(logits, labels, t),
     )
