@@ -8,10 +8,9 @@ The sets are benchmarks/bench_calibration.py's (neither is the demo data): `digi
 handwritten digits, 500 train / 200 val / 1097 test) and `photos` (which of 8 photos shipped by
 scikit-image and scikit-learn a 48x48 crop comes from; 480 / 160 / 960; `--photos-layout cells`, the
 default, splits each photo's cells at random, `shift` takes val and test from the bottom of each photo,
-away from the training crops). Every run: efficientnet_lite0
-with its ImageNet weights (from its pip package), the same epochs, img_size 64, num_workers 0, early
-stopping off; the best checkpoint (by val accuracy) is then temperature-calibrated on val as the flow
-does and measured on the test split.
+away from the training crops). Every run: efficientnet_lite0 with its ImageNet weights (from its pip
+package), the same epochs, img_size 64, num_workers 0, early stopping off; the best checkpoint (by val
+accuracy) is then temperature-calibrated on val as the flow does and measured on the test split.
 
 Reports per set and recipe, mean +- std over the seeds: test accuracy, test NLL, test ECE before and
 after temperature scaling, and the mean train time per epoch; then each candidate against the first
