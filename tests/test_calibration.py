@@ -98,8 +98,8 @@ def test_the_report_gives_ece_before_and_after_and_a_reliability_diagram(calibra
 
 @pytest.fixture(scope="module")
 def hot(tmp_path_factory):
-    """The tiny checkpoint with temperature 2 (visible in its probabilities, which T ~ 0.1 from its
-    perfectly separated val set would saturate), exported, and as the MLflow model's files."""
+    """The tiny checkpoint with temperature 2 (visible in its probabilities; its perfectly separated
+    val set would leave T at 1), exported, and as the MLflow model's files."""
     from harv_train.tracking.pyfunc_model import write_model_files
 
     cfg, best = shared_tiny()
