@@ -108,6 +108,14 @@ def build_photos(root: Path, layout: str = "cells", crop: int = 48) -> Path:
     return root
 
 
+SETS = ("digits", "photos")
+
+
+def build_set(name: str, root: Path, photos_layout: str) -> Path:
+    """One of SETS as an ImageFolder with train/, val/ and test/ under root."""
+    return build_photos(root, photos_layout) if name == "photos" else build_digits(root)
+
+
 def run(data: Path, work: Path, seed: int, epochs: int, img_size: int) -> dict[str, float]:
     cfg = load_config(None, {
         "model_name": "efficientnet_lite0", "pretrained": True, "epochs": epochs, "img_size": img_size,
@@ -160,15 +168,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--img-size", type=int, default=64)
-    parser.add_argument("--sets", nargs="+", default=["digits", "photos"], choices=["digits", "photos"])
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     parser.add_argument("--photos-layout", default="cells", choices=PHOTO_LAYOUTS,
                         help="where photos' val and test crops come from (photo_regions)")
     args = parser.parse_args()
     results: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="harv-bench-calibration-") as tmp:
         for name in args.sets:
-            root = Path(tmp, name, "data")
-            data = build_photos(root, args.photos_layout) if name == "photos" else build_digits(root)
+            data = build_set(name, Path(tmp, name, "data"), args.photos_layout)
             results[name] = []
             for seed in args.seeds:
                 r = run(data, Path(tmp, name, f"run-{seed}"), seed, args.epochs, args.img_size)

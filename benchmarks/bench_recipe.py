@@ -30,12 +30,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_calibration import PHOTO_LAYOUTS, build_digits, build_photos, calibrated_test_scores  # noqa: E402
+from bench_calibration import PHOTO_LAYOUTS, SETS, build_set, calibrated_test_scores  # noqa: E402
 from harv_train.config import load_config, parse_override  # noqa: E402
 from harv_train.core import checkpoints as ckpt  # noqa: E402
 from harv_train.core.session import TrainingSession  # noqa: E402
-
-SETS = ("digits", "photos")
 
 
 def run(data: Path, work: Path, seed: int, epochs: int, img_size: int, overrides: dict) -> dict[str, float]:
@@ -83,8 +81,7 @@ def main() -> None:
     results: dict[str, dict[str, list[dict]]] = {}
     with tempfile.TemporaryDirectory(prefix="harv-bench-recipe-") as tmp:
         for set_name in args.sets:
-            root = Path(tmp, set_name, "data")
-            data = build_photos(root, args.photos_layout) if set_name == "photos" else build_digits(root)
+            data = build_set(set_name, Path(tmp, set_name, "data"), args.photos_layout)
             results[set_name] = {name: [] for name, _ in candidates}
             for seed in args.seeds:  # the candidates of one seed side by side: their epoch times compare
                 for name, overrides in candidates:
