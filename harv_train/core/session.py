@@ -208,7 +208,8 @@ class TrainingSession:
         if n_frozen < state.n_frozen:
             if world.rank == 0:
                 logger.info(f"Unfreezing: epoch {epoch + 1} trains stages {n_frozen + 1}-"
-                            f"{len(feature_blocks(state.model))} (freeze_ratio {ratio}: {n_frozen} stages frozen, "
+                            f"{len(feature_blocks(state.model))} (freeze_ratio {ratio}: {n_frozen} "
+                            f"{'stage' if n_frozen == 1 else 'stages'} frozen, "
                             f"were {state.n_frozen})")
             state.unfreeze(n_frozen)
 
