@@ -116,7 +116,8 @@ def main() -> None:
             }
             c = comparison[set_name][name]
             print(f"  {name} vs {base_name}: test accuracy {c['test_acc_points']:+.2f} points, test NLL "
-                  f"{100 * c['test_nll_change']:+.1f}% ({100 * c['test_nll_calibrated_change']:+.1f}% with T), epoch time x{c['epoch_time_ratio']:.2f}")
+                  f"{100 * c['test_nll_change']:+.1f}% ({100 * c['test_nll_calibrated_change']:+.1f}% with T), "
+                  f"epoch time x{c['epoch_time_ratio']:.2f}")
     print(json.dumps({"epochs": args.epochs, "img_size": args.img_size, "seeds": args.seeds,
                       "photos_layout": args.photos_layout,
                       "candidates": dict(candidates), "comparison": comparison, "results": results}))
