@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_calibration import PHOTO_LAYOUTS, SETS, build_set, calibrated_test_scores  # noqa: E402
+from bench_calibration import PHOTO_LAYOUTS, SETS, build_set, calibrated_test_scores, mean_std  # noqa: E402
 from harv_train.config import load_config, parse_override  # noqa: E402
 from harv_train.core import checkpoints as ckpt  # noqa: E402
 from harv_train.core.session import TrainingSession  # noqa: E402
@@ -50,12 +50,8 @@ def run(data: Path, work: Path, seed: int, epochs: int, img_size: int, overrides
             "epoch_time_s": statistics.mean(m.train_time_s for m in history)}
 
 
-def mean(values: list[float]) -> float:
-    return statistics.mean(values)
-
-
-def mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):.4f} +- {statistics.stdev(values) if len(values) > 1 else 0.0:.4f}"
+def mean_of(runs: list[dict], key: str) -> float:
+    return statistics.mean(r[key] for r in runs)
 
 
 def parse_candidate(text: str) -> tuple[str, dict]:
@@ -102,17 +98,17 @@ def main() -> None:
         base = by_name[base_name]
         for name, runs in by_name.items():
             print(f"{set_name} {name}: " + "; ".join(f"{k} {mean_std([r[k] for r in runs])}" for k in keys))
-            ece_cut = 1 - mean([r["test_ece_calibrated"] for r in runs]) / mean([r["test_ece"] for r in runs])
+            ece_cut = 1 - mean_of(runs, "test_ece_calibrated") / mean_of(runs, "test_ece")
             print(f"  {name}: temperature scaling cut the mean test ECE by {100 * ece_cut:.0f}%")
             if name == base_name:
                 continue
             comparison.setdefault(set_name, {})[name] = {
-                "test_acc_points": 100 * (mean([r["test_acc"] for r in runs]) - mean([r["test_acc"] for r in base])),
-                "test_nll_change": mean([r["test_nll"] for r in runs]) / mean([r["test_nll"] for r in base]) - 1,
+                "test_acc_points": 100 * (mean_of(runs, "test_acc") - mean_of(base, "test_acc")),
+                "test_nll_change": mean_of(runs, "test_nll") / mean_of(base, "test_nll") - 1,
                 # The NLL of what predict, the exports and the MLflow model serve: each recipe with its own T.
-                "test_nll_calibrated_change": mean([r["test_nll_calibrated"] for r in runs])
-                / mean([r["test_nll_calibrated"] for r in base]) - 1,
-                "epoch_time_ratio": mean([r["epoch_time_s"] for r in runs]) / mean([r["epoch_time_s"] for r in base]),
+                "test_nll_calibrated_change":
+                    mean_of(runs, "test_nll_calibrated") / mean_of(base, "test_nll_calibrated") - 1,
+                "epoch_time_ratio": mean_of(runs, "epoch_time_s") / mean_of(base, "epoch_time_s"),
             }
             c = comparison[set_name][name]
             print(f"  {name} vs {base_name}: test accuracy {c['test_acc_points']:+.2f} points, test NLL "
