@@ -64,8 +64,9 @@ def test_a_val_set_the_model_gets_all_right_keeps_the_temperature_at_one():
 
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
-    """A copy of the shared tiny checkpoint, calibrated on its val images with one image of each class
-    filed under the other (the model gets them all right, which leaves T at 1); returns that folder."""
+    """A copy of the shared tiny checkpoint, calibrated on a copy of its val images with one image of
+    each class filed under the other (it gets the val images as they are all right, which would leave
+    T at 1); returns that val folder, the checkpoint and the calibration."""
     cfg, best = shared_tiny()
     root = tmp_path_factory.mktemp("calibrated")
     path = root / ckpt.BEST
